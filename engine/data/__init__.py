@@ -1,0 +1,12 @@
+"""Data sets for the engine: loading ``--data`` specs, checking them, fingerprinting them.
+
+``load_data("digits" | "PATH.npz" | "PATH/", seed=0)`` returns a validated :class:`Dataset`
+(float64 ``X`` of shape ``(n, *input_shape)``, int64 ``y`` of shape ``(n,)``, read-only arrays).
+"""
+
+from __future__ import annotations
+
+from engine.data.dataset import Dataset, fingerprint, validate
+from engine.data.loaders import load_data
+
+__all__ = ["Dataset", "fingerprint", "load_data", "validate"]

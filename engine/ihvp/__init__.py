@@ -1,0 +1,11 @@
+"""Inverse-Hessian-vector products behind one interface (:class:`Solver`)."""
+
+from .base import Solver
+from .cg import BlockCG
+from .exact import ExactSolver
+from .hvp import batch_hvp, dense_hessian, full_hvp
+from .lissa import Lissa, largest_eigenvalue
+from .projected import ProjectedSolver, projected_curvature
+
+__all__ = ["Solver", "BlockCG", "ExactSolver", "Lissa", "ProjectedSolver", "batch_hvp",
+           "dense_hessian", "full_hvp", "largest_eigenvalue", "projected_curvature"]

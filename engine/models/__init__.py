@@ -1,0 +1,83 @@
+"""Models: the built-in zoo, user models, losses, the flat-θ objective and training."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import BuildConfig, ModelKind
+from ..errors import ModelError
+from .losses import make_loss
+from .objective import Objective
+from .user import is_factory_spec, load_factory, load_torchscript
+from .zoo import build_model
+
+__all__ = ["model_kind", "make_module", "make_objective", "model_fingerprint", "resolve_dtype",
+           "resolve_device"]
+
+
+def model_kind(spec: str) -> ModelKind:
+    """``logreg|svm|mlp|cnn`` → that kind; a file path or ``module:factory`` → USER."""
+    try:
+        kind = ModelKind(spec)
+    except ValueError:
+        if spec.endswith((".pt", ".pth", ".ts", ".jit")) or is_factory_spec(spec) or Path(spec).is_file():
+            return ModelKind.USER
+        raise ModelError(
+            f"unknown model {spec!r}: use logreg, svm, mlp, cnn, a TorchScript file, "
+            "or package.module:factory with --weights"
+        ) from None
+    if kind is ModelKind.USER:
+        raise ModelError("name a user model by its TorchScript file or module:factory")
+    return kind
+
+
+def make_module(config: BuildConfig, *, input_shape: tuple[int, ...], n_classes: int,
+                script_path: Path | None = None) -> nn.Module:
+    """The (untrained, or user-trained) module named by ``config.model``."""
+    kind = model_kind(config.model)
+    if kind is not ModelKind.USER:
+        return build_model(kind, input_shape=input_shape, n_classes=n_classes,
+                           train=config.train, seed=config.seed)
+    if is_factory_spec(config.model):
+        weights = Path(config.weights) if config.weights else None
+        return load_factory(config.model, weights=weights, input_shape=input_shape, n_classes=n_classes)
+    return load_torchscript(script_path or Path(config.model))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda was asked for but no CUDA device is available")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise ModelError(f"unknown device {name!r}: use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float64 if device.type == "cpu" else torch.float32
+    table = {"float64": torch.float64, "float32": torch.float32}
+    if name not in table:
+        raise ModelError(f"unknown dtype {name!r}: use auto, float64 or float32")
+    return table[name]
+
+
+def make_objective(module: nn.Module, config: BuildConfig, *, device: torch.device,
+                   dtype: torch.dtype) -> Objective:
+    kind = model_kind(config.model)
+    return Objective(module, make_loss(kind.value, svm_temperature=config.svm_temperature),
+                     device=device, dtype=dtype)
+
+
+def model_fingerprint(objective: Objective, theta: torch.Tensor) -> str:
+    """sha256 over parameter names, shapes and θ̂ as float64 bytes."""
+    h = hashlib.sha256()
+    for name, shape in zip(objective.names, objective.shapes):
+        h.update(f"{name}:{shape};".encode())
+    h.update(theta.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,119 @@
+"""A model and its data loss seen as functions of one flat parameter vector θ (p,).
+
+θ lists every trainable parameter in ``named_parameters()`` order, flattened. Ordinary modules
+go through ``torch.func`` (``functional_call``, ``vmap(grad)``, ``jvp``); TorchScript modules
+cannot be called statelessly, so they take a slower autograd path that writes θ into the module
+(a loop over samples for per-sample gradients, double backward for Hessian-vector products).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jvp, vmap
+
+from .losses import LossFn
+
+__all__ = ["Objective"]
+
+
+class Objective:
+    """Logits, losses, per-sample gradients and Hessian-vector products of ``model`` at θ."""
+
+    def __init__(
+        self, model: nn.Module, loss_fn: LossFn, *, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.loss_fn = loss_fn
+        self.device = device
+        self.dtype = dtype
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.shapes = [tuple(p.shape) for _, p in named]
+        self.numels = [math.prod(s) for s in self.shapes]
+        self.n_params = sum(self.numels)
+        self.functional = not isinstance(self.model, torch.jit.ScriptModule)
+        self._buffers = dict(self.model.named_buffers())
+        self._params = [p for _, p in named]
+
+    # ----------------------------------------------------------------- parameters
+    def flat_params(self) -> torch.Tensor:
+        """θ (p,) as currently held by the module (a detached copy)."""
+        return torch.cat([p.detach().reshape(-1) for p in self._params]).clone()
+
+    def load_flat(self, theta: torch.Tensor) -> None:
+        """Write θ (p,) into the module's parameters."""
+        with torch.no_grad():
+            for p, chunk in zip(self._params, theta.split(self.numels)):
+                p.copy_(chunk.view_as(p))
+
+    def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {
+            n: c.view(s) for n, c, s in zip(self.names, theta.split(self.numels), self.shapes)
+        }
+
+    def as_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(device=self.device, dtype=self.dtype)
+
+    # ----------------------------------------------------------------- values
+    def logits(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Logits (b, C) at θ for a batch x (b, *input_shape)."""
+        x = self.as_input(x)
+        if self.functional:
+            return functional_call(self.model, (self.unflatten(theta), self._buffers), (x,))
+        self.load_flat(theta)
+        return self.model(x)
+
+    def mean_loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean data loss over the batch (differentiable in θ on the functional path)."""
+        return self.loss_fn(self.logits(theta, x), y.to(self.device))
+
+    def loss_grad(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """∇θ of the mean data loss over the batch, (p,)."""
+        if self.functional:
+            return grad(self.mean_loss)(theta, x, y)
+        self.load_flat(theta)
+        loss = self.loss_fn(self.model(self.as_input(x)), y.to(self.device))
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, self._params)])
+
+    # ----------------------------------------------------------------- per-sample gradients
+    def sample_grads(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-sample data-loss gradients (b, p): row i is ∇θ L(z_i, θ)."""
+        x = self.as_input(x)
+        y = y.to(self.device)
+        if self.functional:
+
+            def one(th: torch.Tensor, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+                return self.mean_loss(th, xi.unsqueeze(0), yi.unsqueeze(0))
+
+            return vmap(grad(one), in_dims=(None, 0, 0))(theta, x, y)
+        return torch.stack([self.loss_grad(theta, x[i : i + 1], y[i : i + 1]) for i in range(len(x))])
+
+    # ----------------------------------------------------------------- curvature
+    def hvp(
+        self, theta: torch.Tensor, vectors: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
+        """∇²θ(mean data loss over the batch) · V for V (p, m) → (p, m); no regulariser."""
+        y = y.to(self.device)
+        if self.functional:
+            x = self.as_input(x)
+
+            def g(th: torch.Tensor) -> torch.Tensor:
+                return grad(self.mean_loss)(th, x, y)
+
+            def one(v: torch.Tensor) -> torch.Tensor:
+                return jvp(g, (theta,), (v,))[1]
+
+            return vmap(one)(vectors.T).T
+        self.load_flat(theta)
+        loss = self.loss_fn(self.model(self.as_input(x)), y)
+        gs = torch.cat(
+            [g.reshape(-1) for g in torch.autograd.grad(loss, self._params, create_graph=True)]
+        )
+        cols = []
+        for j in range(vectors.shape[1]):
+            hv = torch.autograd.grad(gs, self._params, vectors[:, j], retain_graph=True)
+            cols.append(torch.cat([h.reshape(-1) for h in hv]))
+        return torch.stack(cols, dim=1)

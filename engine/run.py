@@ -1,0 +1,267 @@
+"""A run: one folder with everything a query needs, and the queries themselves.
+
+Layout: ``run.json`` (settings, fingerprints, diagnostics; written last, so a folder without it
+is not a run), ``model.pt`` (θ̂), ``model.ts`` (a user TorchScript model), ``grads.npy`` +
+``manifest.json`` (the gradient store), ``curvature.pt`` (the dense or projected curvature).
+
+Scores follow the contract: ``I_up,loss(z_i, z_test) = −∇L(z_test)ᵀ H⁻¹ ∇L(z_i)``; positive is
+harmful, negative helpful; removing z_i changes the test loss by about ``−I/n``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import BuildConfig, IHVPMethod
+from .data import Dataset, fingerprint, load_data
+from .errors import QueryError, RunError, StaleRunError
+from .grads.per_sample import per_sample_grads
+from .grads.projection import Projector
+from .ihvp import (BlockCG, ExactSolver, Lissa, ProjectedSolver, Solver, batch_hvp,
+                   dense_hessian, full_hvp, largest_eigenvalue)
+from .models import make_module, make_objective, model_fingerprint, resolve_device, resolve_dtype
+from .query.topk import streaming_topk
+from .store.files import load_json, load_tensors
+from .store.gradients import open_store
+
+__all__ = ["Run", "open_run", "RUN_FILE", "THETA_FILE", "SCRIPT_FILE", "CURVATURE_FILE",
+           "RUN_SCHEMA", "parse_method"]
+
+RUN_FILE = "run.json"
+THETA_FILE = "model.pt"
+SCRIPT_FILE = "model.ts"
+CURVATURE_FILE = "curvature.pt"
+RUN_SCHEMA = 1
+ROW_BLOCK = 65536  # store rows per score block
+
+
+def parse_method(name: str | IHVPMethod | None) -> IHVPMethod | None:
+    if name is None or isinstance(name, IHVPMethod):
+        return name
+    try:
+        return IHVPMethod(name)
+    except ValueError:
+        raise QueryError(
+            f"unknown ihvp method {name!r}: use one of {', '.join(m.value for m in IHVPMethod)}"
+        ) from None
+
+
+def _indices(index: int | Sequence[int] | np.ndarray | None, n: int, what: str) -> np.ndarray:
+    if index is None:
+        return np.arange(n)
+    arr = np.atleast_1d(np.asarray(index))
+    if arr.dtype.kind not in "iu" or arr.ndim != 1:
+        raise QueryError(f"{what} index must be integers, got {index!r}")
+    bad = arr[(arr < 0) | (arr >= n)]
+    if bad.size:
+        raise QueryError(f"{what} index {int(bad[0])} is out of range 0..{n - 1}")
+    return arr.astype(np.int64)
+
+
+class Run:
+    """An opened run. Use :func:`open_run` or :func:`engine.build` to get one."""
+
+    def __init__(self, path: Path, info: dict[str, Any], *, device: str | None = None) -> None:
+        self.path = path
+        self.info = info
+        self.config = BuildConfig.from_dict(info["config"])
+        self.device = resolve_device(device or self.config.device)
+        self.dtype = resolve_dtype(info["model"]["dtype"], self.device)
+        self.dataset: Dataset = load_data(self.config.data, seed=self.config.seed)
+        if fingerprint(self.dataset) != info["data"]["fingerprint"]:
+            raise StaleRunError(
+                f"{path}: the data {self.config.data!r} changed since the run was built "
+                "(fingerprint mismatch); rebuild it with `influence build`"
+            )
+        script = path / SCRIPT_FILE
+        module = make_module(self.config, input_shape=self.dataset.input_shape,
+                             n_classes=self.dataset.n_classes,
+                             script_path=script if script.exists() else None)
+        self.objective = make_objective(module, self.config, device=self.device, dtype=self.dtype)
+        try:
+            self.theta = load_tensors(path / THETA_FILE)["theta"].to(self.device, self.dtype)
+        except (OSError, KeyError, RuntimeError) as exc:
+            raise RunError(f"{path / THETA_FILE}: cannot read the model parameters ({exc})") from exc
+        if self.theta.shape != (self.objective.n_params,):
+            raise StaleRunError(f"{path}: the model's parameter count changed; rebuild the run")
+        self.objective.load_flat(self.theta)
+        if model_fingerprint(self.objective, self.theta) != info["model"]["fingerprint"]:
+            raise StaleRunError(f"{path}: the model weights changed since the run was built; rebuild it")
+        array, self.manifest = open_store(path, expect={
+            "data_fingerprint": info["data"]["fingerprint"],
+            "model_fingerprint": info["model"]["fingerprint"],
+        })
+        # resident copy of the store in the compute dtype: one pass per query, no disk reads
+        self.store = torch.from_numpy(np.array(array)).to(self.device, self.dtype)  # (n, d)
+        proj = self.manifest.get("projection")
+        self.projector = (Projector(self.objective.n_params, proj["k"], seed=proj["seed"],
+                                    dtype=self.dtype, device=self.device) if proj else None)
+        self.x_train = torch.from_numpy(np.array(self.dataset.x_train)).to(self.device, self.dtype)
+        self.y_train = torch.from_numpy(np.array(self.dataset.y_train)).to(self.device)
+        self.x_test = torch.from_numpy(np.array(self.dataset.x_test)).to(self.device, self.dtype)
+        self.y_test = torch.from_numpy(np.array(self.dataset.y_test)).to(self.device)
+        cpath = path / CURVATURE_FILE
+        self._curvature = load_tensors(cpath) if cpath.exists() else {}
+        self._solvers: dict[IHVPMethod, Solver] = {}
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def n_train(self) -> int:
+        return self.dataset.n_train
+
+    @property
+    def n_test(self) -> int:
+        return self.dataset.n_test
+
+    @property
+    def default_method(self) -> IHVPMethod:
+        return self.config.ihvp
+
+    def predict_proba(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Class probabilities (b, C) for inputs in the data set's layout (b, *input_shape)."""
+        x = torch.as_tensor(np.asarray(x) if isinstance(x, np.ndarray) else x)
+        with torch.no_grad():
+            logits = self.objective.logits(self.theta, x.to(self.device, self.dtype))
+        return torch.softmax(logits, dim=1).cpu().numpy()
+
+    # ------------------------------------------------------------------ solvers
+    def solver(self, method: str | IHVPMethod | None = None) -> Solver:
+        """The (cached) solver for ``method`` (default: the run's own)."""
+        m = parse_method(method) or self.default_method
+        if m in self._solvers:
+            return self._solvers[m]
+        projected = self.projector is not None
+        if projected != (m is IHVPMethod.PROJECTED):
+            raise QueryError(
+                f"ihvp {m.value!r} cannot be used with this run: its store holds "
+                + ("projected gradients (use 'projected')" if projected
+                   else "full gradients (build with --project K to use 'projected')")
+            )
+        shift = self.config.weight_decay + self.config.damping
+        solver: Solver
+        if m is IHVPMethod.PROJECTED:
+            solver = ProjectedSolver(self._curvature["projected"].to(self.device, self.dtype))
+        elif m is IHVPMethod.EXACT:
+            h = self._curvature.get("hessian")
+            if h is None:
+                hvp = full_hvp(self.objective, self.theta, self.x_train, self.y_train, shift=shift)
+                h = dense_hessian(hvp, self.objective.n_params, dtype=self.dtype, device=self.device)
+            solver = ExactSolver(h.to(self.device, self.dtype))
+        elif m is IHVPMethod.CG:
+            solver = BlockCG(full_hvp(self.objective, self.theta, self.x_train, self.y_train,
+                                      shift=shift), self.config.cg)
+        else:
+            cfg = self.config.lissa
+            scale = cfg.scale or self.info.get("curvature", {}).get("lissa_scale")
+            if scale is None:
+                hvp = full_hvp(self.objective, self.theta, self.x_train, self.y_train, shift=shift)
+                scale = 1.25 * largest_eigenvalue(hvp, self.objective.n_params, dtype=self.dtype,
+                                                  device=self.device, seed=cfg.seed)
+            solver = Lissa(batch_hvp(self.objective, self.theta, self.x_train, self.y_train,
+                                     shift=shift), n_train=self.n_train, config=cfg, scale=scale)
+        self._solvers[m] = solver
+        return solver
+
+    def ihvp_report(self, method: str | IHVPMethod | None = None) -> dict[str, Any]:
+        s = self.solver(method)
+        return {"method": s.method.value, "settings": s.settings(), "diagnostics": dict(s.diagnostics)}
+
+    # ------------------------------------------------------------------ gradients
+    def _to_store_space(self, g: torch.Tensor) -> torch.Tensor:
+        return self.projector.project(g) if self.projector is not None else g
+
+    def test_gradients(self, test_index: np.ndarray, *, chunk: int = 512) -> torch.Tensor:
+        """(m, d) data-loss gradients of test points, in the store's space."""
+        idx = torch.as_tensor(test_index, device=self.device)
+        g = per_sample_grads(self.objective, self.theta, self.x_test[idx], self.y_test[idx],
+                             chunk_size=chunk, projector=self.projector)
+        assert g is not None
+        return g
+
+    def input_gradients(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(b, d) gradients for arbitrary inputs (b, *input_shape) with labels y (b,)."""
+        g = per_sample_grads(self.objective, self.theta, x.to(self.device, self.dtype),
+                             y.to(self.device), projector=self.projector)
+        assert g is not None
+        return g
+
+    def _score_blocks(self, s: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        for start in range(0, self.n_train, ROW_BLOCK):
+            yield start, -(self.store[start : start + ROW_BLOCK] @ s)  # (b, m)
+
+    # ------------------------------------------------------------------ queries
+    def scores_for_gradients(self, g: torch.Tensor, ihvp: str | IHVPMethod | None = None
+                             ) -> torch.Tensor:
+        """I_up,loss (n_train, m) for test gradients g (m, d)."""
+        s = self.solver(ihvp).solve(g.T.contiguous())  # (d, m) = H⁻¹ ∇L(z_test)
+        return torch.cat([b for _, b in self._score_blocks(s)])
+
+    def scores(self, test_index: int | Sequence[int] | np.ndarray | None = None,
+               ihvp: str | IHVPMethod | None = None) -> np.ndarray:
+        """``I_up,loss`` as float64 (n_train, n_test_selected), columns in the given order."""
+        idx = _indices(test_index, self.n_test, "test")
+        return self.scores_for_gradients(self.test_gradients(idx), ihvp).cpu().double().numpy()
+
+    def self_influence(self, ihvp: str | IHVPMethod | None = None, *, block: int = 4096
+                       ) -> np.ndarray:
+        """``I_up,loss(z_i, z_i) = −g_iᵀ H⁻¹ g_i`` for every training point, float64 (n_train,)."""
+        solver = self.solver(ihvp)
+        out = []
+        for start in range(0, self.n_train, block):
+            g = self.store[start : start + block]  # (b, d)
+            out.append(-(g * solver.solve(g.T.contiguous()).T).sum(dim=1))
+        return torch.cat(out).cpu().double().numpy()
+
+    def params(self, train_index: int, ihvp: str | IHVPMethod | None = None) -> np.ndarray:
+        """``I_up,params(z_i) = −H⁻¹ ∇L(z_i)``, float64 (p,) in ``named_parameters()`` order."""
+        if self.projector is not None:
+            raise QueryError("influence on parameters needs full gradients; this run is projected")
+        i = int(_indices(train_index, self.n_train, "train")[0])
+        return (-self.solver(ihvp).solve(self.store[i])).cpu().double().numpy()
+
+    def top_influences(self, g: torch.Tensor, *, top: int, ihvp: str | IHVPMethod | None = None
+                       ) -> list[dict[str, list[dict[str, Any]]]]:
+        """Per column of g (m, d): helpful (most negative first) and harmful (most positive first)."""
+        if top < 1:
+            raise QueryError(f"top must be at least 1, got {top}")
+        s = self.solver(ihvp).solve(g.T.contiguous())
+        hv, hi = streaming_topk(self._score_blocks(s), top, largest=False)
+        av, ai = streaming_topk(self._score_blocks(s), top, largest=True)
+        labels = self.dataset.y_train
+
+        def rows(vals: torch.Tensor, idx: torch.Tensor, j: int) -> list[dict[str, Any]]:
+            return [{"train_id": int(i), "score": float(v), "label": int(labels[int(i)])}
+                    for v, i in zip(vals[:, j].tolist(), idx[:, j].tolist())]
+
+        return [{"helpful": rows(hv, hi, j), "harmful": rows(av, ai, j)} for j in range(g.shape[0])]
+
+    def explain(self, test_index: int, top: int = 10, ihvp: str | IHVPMethod | None = None
+                ) -> dict[str, Any]:
+        """The most helpful and harmful training points for one test point (REST influence shape)."""
+        i = int(_indices(test_index, self.n_test, "test")[0])
+        result = self.top_influences(self.test_gradients(np.array([i])), top=top, ihvp=ihvp)[0]
+        proba = self.predict_proba(self.x_test[i : i + 1])[0]
+        return {
+            "test_id": i,
+            "label": int(self.dataset.y_test[i]),
+            "predicted": int(proba.argmax()),
+            "probabilities": [float(p) for p in proba],
+            **result,
+            "ihvp": self.ihvp_report(ihvp),
+        }
+
+
+def open_run(path: str | Path, *, device: str | None = None) -> Run:
+    """Open a run folder built by :func:`engine.build`; refuses stale or incomplete runs."""
+    folder = Path(path)
+    if not (folder / RUN_FILE).is_file():
+        raise RunError(f"{folder}: not a run folder (no {RUN_FILE}); build one with `influence build`")
+    info = load_json(folder / RUN_FILE)
+    if info.get("schema_version") != RUN_SCHEMA:
+        raise RunError(f"{folder}: run schema {info.get('schema_version')} is not {RUN_SCHEMA}; rebuild it")
+    return Run(folder, info, device=device)
