@@ -163,7 +163,8 @@ class Run:
                 scale = 1.25 * largest_eigenvalue(hvp, self.objective.n_params, dtype=self.dtype,
                                                   device=self.device, seed=cfg.seed)
             solver = Lissa(batch_hvp(self.objective, self.theta, self.x_train, self.y_train,
-                                     shift=shift), n_train=self.n_train, config=cfg, scale=scale)
+                                     shift=shift), n_train=self.n_train, config=cfg, scale=scale,
+                           min_eigenvalue_bound=shift)
         self._solvers[m] = solver
         return solver
 

@@ -1,0 +1,1 @@
+"""influence-dashboard's application layer: the CLI and (lazily) the web app."""

@@ -1,0 +1,193 @@
+"""The ``influence`` command: a thin layer over :mod:`engine` (and the web app for ``serve``).
+
+Exit codes: 0 on success; 2 with a one-line message on stderr for bad input (argument errors,
+bad data, stale runs, unknown indices); outputs are written atomically, so a failed command
+leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+
+PROG = "influence"
+DEMO_RUN = Path(os.environ.get("INFLUENCE_DEMO_RUN", "runs/digits-logreg"))
+METHODS = ("exact", "cg", "lissa", "projected")
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not usage + message
+        raise UsageError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Influence functions for image classifiers.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    b = sub.add_parser("build", help="train (or load) a model and precompute a run")
+    b.add_argument("--data", required=True, help="digits, PATH.npz or an image folder")
+    b.add_argument("--model", required=True,
+                   help="logreg, svm, mlp, cnn, a TorchScript file, or package.module:factory")
+    b.add_argument("--out", required=True, type=Path, help="run folder to create")
+    b.add_argument("--weight-decay", type=float, default=1e-2, help="λ of the objective (1e-2)")
+    b.add_argument("--damping", type=float, default=0.0, help="δ added to the Hessian (0)")
+    b.add_argument("--ihvp", choices=METHODS, default="exact", help="default IHVP method (exact)")
+    b.add_argument("--project", type=int, default=None, metavar="K",
+                   help="store gradients projected to K dims (needs --ihvp projected)")
+    b.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--dtype", default="auto", choices=("auto", "float64", "float32"))
+    b.add_argument("--weights", default=None, help="state_dict for a module:factory model")
+    b.add_argument("--svm-temperature", type=float, default=1e-3,
+                   help="temperature t of the smooth hinge for svm (1e-3)")
+    b.add_argument("--epochs", type=int, default=None, help="training epochs for mlp/cnn")
+    b.add_argument("--force", action="store_true", help="replace an existing --out")
+    b.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    def query(name: str, help_: str) -> argparse.ArgumentParser:
+        q = sub.add_parser(name, help=help_)
+        q.add_argument("--run", required=True, type=Path)
+        q.add_argument("--ihvp", choices=METHODS, default=None,
+                       help="override the run's IHVP method for this query")
+        return q
+
+    s = query("scores", "I_up,loss matrix (n_train, n_test_selected) to a .npy file")
+    s.add_argument("--out", required=True, type=Path)
+    s.add_argument("--test-index", type=int, nargs="+", default=None)
+    s.add_argument("--json", action="store_true", help="print the IHVP report as JSON")
+    s2 = query("self", "self-influence (n_train,) to a .npy file")
+    s2.add_argument("--out", required=True, type=Path)
+    pr = query("params", "I_up,params of one training point to a .npy file")
+    pr.add_argument("--train-index", type=int, required=True)
+    pr.add_argument("--out", required=True, type=Path)
+    e = query("explain", "the most helpful and harmful training points for a test point")
+    e.add_argument("--test-index", type=int, required=True)
+    e.add_argument("--top", type=int, default=10)
+    e.add_argument("--json", action="store_true")
+
+    sv = sub.add_parser("serve", help="serve the dashboard for a run")
+    sv.add_argument("--run", required=True, type=Path)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    dm = sub.add_parser("demo", help="build the digits run if missing, then serve it")
+    dm.add_argument("--host", default="127.0.0.1")
+    dm.add_argument("--port", type=int, default=8000)
+    return p
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    if path.suffix != ".npy":
+        raise UsageError(f"--out {path} must end in .npy")
+    if path.parent and not path.parent.exists():
+        raise UsageError(f"--out {path}: folder {path.parent} does not exist")
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def _print_explain(result: dict[str, Any]) -> None:
+    print(f"test point {result['test_id']}: label {result['label']}, "
+          f"predicted {result['predicted']} (p = {max(result['probabilities']):.3f}), "
+          f"ihvp {result['ihvp']['method']}")
+    for kind in ("helpful", "harmful"):
+        print(f"  {kind}:")
+        for row in result[kind]:
+            print(f"    train {row['train_id']:>7}  label {row['label']:>3}  score {row['score']:+.6g}")
+
+
+def _summary(run: Any) -> dict[str, Any]:
+    info = run.info
+    return {"run": str(run.path), "model": info["model"]["kind"], "n_params": info["model"]["n_params"],
+            "n_train": info["data"]["n_train"], "n_test": info["data"]["n_test"],
+            "grad_norm": info["training"]["grad_norm"],
+            "train_accuracy": info["training"]["train_accuracy"],
+            "test_accuracy": info["training"]["test_accuracy"],
+            "ihvp": info["config"]["ihvp"], "timings": info["timings"]}
+
+
+def _serve(run_path: Path, host: str, port: int) -> None:
+    try:
+        from app.main import serve
+    except ImportError as exc:
+        raise UsageError(f"the web dashboard is not available: {exc}") from exc
+    serve(run_path, host=host, port=port)
+
+
+def _dispatch(args: argparse.Namespace) -> None:
+    import engine
+
+    if args.command == "build":
+        opts: dict[str, Any] = {"dtype": args.dtype, "weights": args.weights,
+                                "svm_temperature": args.svm_temperature}
+        if args.epochs is not None:
+            opts["train"] = engine.TrainConfig(epochs=args.epochs)
+        run = engine.build(args.data, args.model, args.out, weight_decay=args.weight_decay,
+                           damping=args.damping, ihvp=args.ihvp, project=args.project,
+                           device=args.device, seed=args.seed, force=args.force,
+                           progress=not args.quiet, **opts)
+        summary = _summary(run)
+        if args.json:
+            print(json.dumps(summary, indent=2))
+        else:
+            print(f"built {summary['run']}: {summary['model']} ({summary['n_params']} parameters), "
+                  f"test accuracy {summary['test_accuracy']:.3f}, |grad R| {summary['grad_norm']:.2e}, "
+                  f"{summary['timings']['total_s']:.1f} s")
+        return
+    if args.command == "demo":
+        if not (DEMO_RUN / "run.json").exists():
+            engine.build("digits", "logreg", DEMO_RUN, force=DEMO_RUN.exists())
+        _serve(DEMO_RUN, args.host, args.port)
+        return
+    if args.command == "serve":
+        engine.open_run(args.run)  # refuse a bad run here, with a one-line error
+        _serve(args.run, args.host, args.port)
+        return
+    if getattr(args, "out", None) is not None:
+        _save_npy(args.out, np.zeros(0))  # validate the output path before the work
+        args.out.unlink()
+    run = engine.open_run(args.run)
+    if args.command == "scores":
+        _save_npy(args.out, run.scores(test_index=args.test_index, ihvp=args.ihvp))
+        if args.json:
+            print(json.dumps(run.ihvp_report(args.ihvp), indent=2))
+    elif args.command == "self":
+        _save_npy(args.out, run.self_influence(ihvp=args.ihvp))
+    elif args.command == "params":
+        _save_npy(args.out, run.params(args.train_index, ihvp=args.ihvp))
+    elif args.command == "explain":
+        result = run.explain(args.test_index, top=args.top, ihvp=args.ihvp)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            _print_explain(result)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from engine.errors import InfluenceError
+
+    try:
+        _dispatch(_parser().parse_args(argv))
+    except (UsageError, InfluenceError) as exc:
+        msg = " ".join(str(exc).split())  # one line
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
