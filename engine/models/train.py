@@ -71,10 +71,16 @@ def _lbfgs(objective: Objective, theta: torch.Tensor, x: torch.Tensor, y: torch.
 
 
 def train_convex(objective: Objective, x: torch.Tensor, y: torch.Tensor, *, weight_decay: float,
-                 log: Progress | None = None) -> TrainResult:
-    """θ̂ of a convex model (starts from the module's current parameters, zero for ours)."""
+                 log: Progress | None = None, warm: bool = False) -> TrainResult:
+    """θ̂ of a convex model, from the module's current parameters (zero for ours).
+
+    ``warm``: the start is already near the optimum (leave-one-out retraining from θ̂), so go
+    straight to Newton steps when the model is small enough for them.
+    """
     theta = objective.flat_params()
-    theta, evals = _lbfgs(objective, theta, x, y, weight_decay=weight_decay, steps=2000)
+    evals = 0
+    if not (warm and objective.n_params <= NEWTON_MAX_PARAMS):
+        theta, evals = _lbfgs(objective, theta, x, y, weight_decay=weight_decay, steps=2000)
     value, g = objective_value_and_grad(objective, theta, x, y, weight_decay=weight_decay)
     if log:
         log(f"L-BFGS: {evals} evaluations, |grad R| = {float(g.norm()):.2e}")
