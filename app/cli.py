@@ -87,14 +87,25 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
+def _check_out(path: Path) -> None:
+    """Refuse a bad --out before any work (without touching an existing file)."""
     if path.suffix != ".npy":
         raise UsageError(f"--out {path} must end in .npy")
-    if path.parent and not path.parent.exists():
+    if path.is_dir():
+        raise UsageError(f"--out {path} is a folder, not a file")
+    if not path.parent.is_dir():
         raise UsageError(f"--out {path}: folder {path.parent} does not exist")
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    """Write atomically: a temporary file next to ``path``, then rename."""
+    _check_out(path)
+    tmp = path.with_name(f".{path.name}.tmp.npy")
+    try:
+        np.save(tmp, array)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _print_explain(result: dict[str, Any]) -> None:
@@ -155,8 +166,7 @@ def _dispatch(args: argparse.Namespace) -> None:
         _serve(args.run, args.host, args.port)
         return
     if getattr(args, "out", None) is not None:
-        _save_npy(args.out, np.zeros(0))  # validate the output path before the work
-        args.out.unlink()
+        _check_out(args.out)
     run = engine.open_run(args.run)
     if args.command == "scores":
         _save_npy(args.out, run.scores(test_index=args.test_index, ihvp=args.ihvp))

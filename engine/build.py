@@ -6,6 +6,8 @@ interrupted build leaves nothing that looks like a run.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import platform
 import shutil
 import sys
@@ -24,8 +26,8 @@ from .errors import InfluenceError, RunError
 from .grads.per_sample import per_sample_grads
 from .grads.projection import Projector
 from .ihvp import dense_hessian, full_hvp, largest_eigenvalue, projected_curvature
-from .models import (make_module, make_objective, model_fingerprint, model_kind, resolve_device,
-                     resolve_dtype)
+from .models import (build_dtype, make_module, make_objective, model_fingerprint, model_kind,
+                     resolve_device)
 from .models.train import objective_value_and_grad, train_convex, train_network
 from .run import CURVATURE_FILE, RUN_FILE, RUN_SCHEMA, SCRIPT_FILE, THETA_FILE, Run, parse_method
 from .store.files import save_json, save_tensors
@@ -79,18 +81,29 @@ def build(data: str, model: str, out: str | Path, *, weight_decay: float = 1e-2,
         raise InfluenceError(f"unknown build option: {exc}") from exc
     _check(config)
     out = Path(out)
-    if out.exists() and not force:
-        raise RunError(f"{out} already exists; choose another --out or pass --force to replace it")
+    if out.exists():
+        if not force:
+            raise RunError(f"{out} already exists; choose another --out or pass --force to replace it")
+        if not (out / RUN_FILE).is_file():
+            raise RunError(f"{out} exists and is not a run folder; --force only replaces runs")
+    created = [d for d in [out.parent, *out.parent.parents] if not d.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
         info = _build_into(tmp, config, progress=progress)
         save_json(tmp / RUN_FILE, info)
         if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+            old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+            out.rename(old)  # keep the old run until the new one is in place
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for d in created:  # innermost first: remove only folders this build made and left empty
+            with contextlib.suppress(OSError):
+                d.rmdir()
         raise
     from .run import open_run
 
@@ -102,7 +115,7 @@ def _build_into(folder: Path, config: BuildConfig, *, progress: bool) -> dict[st
     t0 = time.perf_counter()
     kind = model_kind(config.model)
     dev = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, dev)
+    dtype = build_dtype(config, dev)
     ds = load_data(config.data, seed=config.seed)
     data_fp = fingerprint(ds)
     timings["load_data_s"] = time.perf_counter() - t0

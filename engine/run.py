@@ -85,7 +85,7 @@ class Run:
         self.objective = make_objective(module, self.config, device=self.device, dtype=self.dtype)
         try:
             self.theta = load_tensors(path / THETA_FILE)["theta"].to(self.device, self.dtype)
-        except (OSError, KeyError, RuntimeError) as exc:
+        except KeyError as exc:
             raise RunError(f"{path / THETA_FILE}: cannot read the model parameters ({exc})") from exc
         if self.theta.shape != (self.objective.n_params,):
             raise StaleRunError(f"{path}: the model's parameter count changed; rebuild the run")
@@ -263,6 +263,12 @@ def open_run(path: str | Path, *, device: str | None = None) -> Run:
     if not (folder / RUN_FILE).is_file():
         raise RunError(f"{folder}: not a run folder (no {RUN_FILE}); build one with `influence build`")
     info = load_json(folder / RUN_FILE)
-    if info.get("schema_version") != RUN_SCHEMA:
-        raise RunError(f"{folder}: run schema {info.get('schema_version')} is not {RUN_SCHEMA}; rebuild it")
+    if not isinstance(info, dict) or info.get("schema_version") != RUN_SCHEMA:
+        found = info.get("schema_version") if isinstance(info, dict) else None
+        raise RunError(f"{folder}: run schema {found} is not {RUN_SCHEMA}; rebuild it")
+    try:
+        BuildConfig.from_dict(info["config"])
+        _ = (info["data"]["fingerprint"], info["model"]["fingerprint"], info["model"]["dtype"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RunError(f"{folder / RUN_FILE}: malformed ({type(exc).__name__}: {exc}); rebuild the run") from exc
     return Run(folder, info, device=device)

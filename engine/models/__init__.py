@@ -8,14 +8,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import BuildConfig, ModelKind
+from ..config import CONVEX_MODELS, BuildConfig, ModelKind
 from ..errors import ModelError
 from .losses import make_loss
 from .objective import Objective
 from .user import is_factory_spec, load_factory, load_torchscript
 from .zoo import build_model
 
-__all__ = ["model_kind", "make_module", "make_objective", "model_fingerprint", "resolve_dtype",
+__all__ = ["build_dtype", "model_kind", "make_module", "make_objective", "model_fingerprint", "resolve_dtype",
            "resolve_device"]
 
 
@@ -65,6 +65,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in table:
         raise ModelError(f"unknown dtype {name!r}: use auto, float64 or float32")
     return table[name]
+
+
+def build_dtype(config: BuildConfig, device: torch.device) -> torch.dtype:
+    """Convex models always train in float64 (θ̂ to ‖∇R‖ < 1e-8); others follow ``config.dtype``."""
+    if config.dtype == "auto" and model_kind(config.model) in CONVEX_MODELS:
+        return torch.float64
+    return resolve_dtype(config.dtype, device)
 
 
 def make_objective(module: nn.Module, config: BuildConfig, *, device: torch.device,

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from ..errors import RunError
+
 __all__ = ["atomic_write_bytes", "save_json", "load_json", "save_tensors", "load_tensors"]
 
 
@@ -26,8 +28,12 @@ def save_json(path: Path, obj: Any) -> None:
 
 
 def load_json(path: Path) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """The parsed JSON file; :class:`RunError` if it is missing or corrupt."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise RunError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from exc
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -37,4 +43,11 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The tensors saved by :func:`save_tensors`; :class:`RunError` if missing or corrupt."""
+    try:
+        out = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises many types (pickle, zip, runtime) on bad files
+        raise RunError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(out, dict) or not all(isinstance(v, torch.Tensor) for v in out.values()):
+        raise RunError(f"{path}: not a tensor file written by influence build")
+    return out

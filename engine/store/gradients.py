@@ -67,9 +67,13 @@ def open_store(folder: Path, *, expect: dict[str, Any]) -> tuple[np.ndarray, dic
         )
     try:
         array = np.load(grads, mmap_mode="r")
-    except (ValueError, OSError) as exc:
-        raise RunError(f"{grads}: unreadable gradient store ({exc})") from exc
-    if array.shape != (manifest["n"], manifest["dim"]) or array.dtype != STORE_DTYPES[manifest["dtype"]]:
+    except Exception as exc:  # numpy raises ValueError, OSError, EOFError, … on bad files
+        raise RunError(f"{grads}: unreadable gradient store ({type(exc).__name__}: {exc})") from exc
+    try:
+        expected = (manifest["n"], manifest["dim"]), STORE_DTYPES[manifest["dtype"]]
+    except (KeyError, TypeError) as exc:
+        raise RunError(f"{man_path}: malformed manifest ({exc})") from exc
+    if array.shape != expected[0] or array.dtype != expected[1]:
         raise RunError(
             f"{grads}: shape {array.shape} {array.dtype} does not match the manifest "
             f"({manifest['n']}, {manifest['dim']}) {manifest['dtype']}"

@@ -296,9 +296,6 @@ def test_bad_input_exits_2_with_one_line(capsys, run, outdir, npz, nan_npz, case
         "curvature.pt", "grads.npy", "manifest.json", "model.pt", "run.json"]
 
 
-@pytest.mark.xfail(reason="BUG: app/cli.py _dispatch validates --out by writing np.zeros(0) to it "
-                          "and unlinking it, which deletes a pre-existing output file before the "
-                          "query can fail", strict=True)
 @pytest.mark.parametrize("make_argv", [
     lambda run, f: ["scores", "--run", run, "--out", f, "--test-index", N_TEST + 5],
     lambda run, f: ["params", "--run", run, "--out", f, "--train-index", -3],
@@ -324,8 +321,6 @@ def test_successful_command_replaces_existing_output(capsys, run, outdir):
     assert sorted(p.name for p in outdir.iterdir()) == ["FILE.npy"]
 
 
-@pytest.mark.xfail(reason="BUG: app/cli.py _save_npy does os.replace(tmp, path) onto an existing "
-                          "folder: raw IsADirectoryError and a stray FILE.npy.tmp.npy", strict=True)
 def test_out_naming_an_existing_folder_is_refused(capsys, run, outdir):
     target = outdir / "looks-like-a-file.npy"
     target.mkdir()
@@ -335,9 +330,6 @@ def test_out_naming_an_existing_folder_is_refused(capsys, run, outdir):
     no_temp_files(outdir)
 
 
-@pytest.mark.xfail(reason="BUG: engine/build.py build(): with force=True and an existing *file* at "
-                          "out, shutil.rmtree(out) raises a raw NotADirectoryError after the whole "
-                          "build", strict=True)
 def test_build_force_over_a_file_is_handled(capsys, npz, outdir):
     target = outdir / "run"
     target.write_text("not a run")
@@ -351,9 +343,6 @@ def test_build_force_over_a_file_is_handled(capsys, npz, outdir):
     no_temp_files(outdir)
 
 
-@pytest.mark.xfail(reason="BUG (minor): engine/build.py build() runs out.parent.mkdir(parents=True) "
-                          "before the data are loaded, so a failing build leaves empty folders",
-                   strict=True)
 def test_failed_build_creates_no_parent_folders(capsys, outdir):
     rc, _, err = cli(capsys, "build", "--data", outdir / "nope.npz", "--model", "logreg",
                      "--out", outdir / "a" / "b" / "run", *QUIET_CPU)

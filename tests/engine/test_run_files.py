@@ -205,12 +205,6 @@ def _garbage_pt(name: str):
     return damage
 
 
-@pytest.mark.xfail(reason="BUG: corrupt run files escape as raw errors: engine/store/gradients.py "
-                          "open_store catches (ValueError, OSError) but np.load raises EOFError on an "
-                          "empty file; store/files.py load_json raises JSONDecodeError (manifest.json, "
-                          "run.json); run.py catches (OSError, KeyError, RuntimeError) around "
-                          "model.pt but torch.load raises pickle.UnpicklingError; curvature.pt is "
-                          "not guarded at all", strict=True)
 @pytest.mark.parametrize("damage", [
     _empty_grads, _bad_json("manifest.json"), _bad_json("run.json"),
     _garbage_pt("model.pt"), _garbage_pt("curvature.pt"),
