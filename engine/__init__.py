@@ -12,10 +12,18 @@ Pure PyTorch + NumPy: nothing here imports a web framework.
 
 from .build import build
 from .config import BuildConfig, CGConfig, IHVPMethod, LissaConfig, ModelKind, TrainConfig
-from .errors import (DataError, InfluenceError, ModelError, QueryError, RunError, SolverError,
-                     StaleRunError)
+from .errors import (
+                     DataError,
+                     IndexOutOfRange,
+                     InfluenceError,
+                     ModelError,
+                     QueryError,
+                     RunError,
+                     SolverError,
+                     StaleRunError,
+)
 from .run import Run, open_run
 
 __all__ = ["build", "open_run", "Run", "BuildConfig", "CGConfig", "LissaConfig", "TrainConfig",
            "IHVPMethod", "ModelKind", "InfluenceError", "DataError", "ModelError", "RunError",
-           "StaleRunError", "SolverError", "QueryError"]
+           "StaleRunError", "SolverError", "QueryError", "IndexOutOfRange"]

@@ -26,8 +26,7 @@ from .errors import InfluenceError, RunError
 from .grads.per_sample import per_sample_grads
 from .grads.projection import Projector
 from .ihvp import dense_hessian, full_hvp, largest_eigenvalue, projected_curvature
-from .models import (build_dtype, make_module, make_objective, model_fingerprint, model_kind,
-                     resolve_device)
+from .models import build_dtype, make_module, make_objective, model_fingerprint, model_kind, resolve_device
 from .models.train import objective_value_and_grad, train_convex, train_network
 from .run import CURVATURE_FILE, RUN_FILE, RUN_SCHEMA, SCRIPT_FILE, THETA_FILE, Run, parse_method
 from .store.files import save_json, save_tensors

@@ -14,6 +14,7 @@ __all__ = [
     "StaleRunError",
     "SolverError",
     "QueryError",
+    "IndexOutOfRange",
 ]
 
 
@@ -43,3 +44,7 @@ class SolverError(InfluenceError):
 
 class QueryError(InfluenceError):
     """A query names an index or option that does not exist."""
+
+
+class IndexOutOfRange(QueryError):
+    """A query names a training or test index that the run does not have."""

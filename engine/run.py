@@ -19,11 +19,20 @@ import torch
 
 from .config import BuildConfig, IHVPMethod
 from .data import Dataset, fingerprint, load_data
-from .errors import QueryError, RunError, StaleRunError
+from .errors import IndexOutOfRange, QueryError, RunError, StaleRunError
 from .grads.per_sample import per_sample_grads
 from .grads.projection import Projector
-from .ihvp import (BlockCG, ExactSolver, Lissa, ProjectedSolver, Solver, batch_hvp,
-                   dense_hessian, full_hvp, largest_eigenvalue)
+from .ihvp import (
+    BlockCG,
+    ExactSolver,
+    Lissa,
+    ProjectedSolver,
+    Solver,
+    batch_hvp,
+    dense_hessian,
+    full_hvp,
+    largest_eigenvalue,
+)
 from .models import make_module, make_objective, model_fingerprint, resolve_device, resolve_dtype
 from .query.topk import streaming_topk
 from .store.files import load_json, load_tensors
@@ -59,7 +68,7 @@ def _indices(index: int | Sequence[int] | np.ndarray | None, n: int, what: str) 
         raise QueryError(f"{what} index must be integers, got {index!r}")
     bad = arr[(arr < 0) | (arr >= n)]
     if bad.size:
-        raise QueryError(f"{what} index {int(bad[0])} is out of range 0..{n - 1}")
+        raise IndexOutOfRange(f"{what} index {int(bad[0])} is out of range 0..{n - 1}")
     return arr.astype(np.int64)
 
 

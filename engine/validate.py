@@ -20,8 +20,7 @@ from tqdm.auto import tqdm
 
 from .config import CONVEX_MODELS, ModelKind
 from .models.objective import Objective
-from .models.train import (GRAD_TOL, NEWTON_MAX_PARAMS, _lbfgs, objective_value_and_grad,
-                           train_convex)
+from .models.train import GRAD_TOL, NEWTON_MAX_PARAMS, _lbfgs, objective_value_and_grad, train_convex
 from .run import Run
 
 __all__ = ["leave_one_out", "pearson", "spearman"]
