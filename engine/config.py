@@ -62,7 +62,7 @@ class LissaConfig:
     damping: float = 0.0
     depth: int = 1000
     repeats: int = 1
-    batch_size: int = 256  # training points per stochastic Hessian-vector product
+    batch_size: int = 128  # training points per stochastic Hessian-vector product
     tol: float = 1e-3  # converged when the truncation bias bound (1 − μ/scale)^depth is below this
     seed: int = 0
 

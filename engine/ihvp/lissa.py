@@ -6,7 +6,7 @@ and extra damping d; the estimate is ``X_J / s``, averaged over ``repeats`` inde
 fixed point is ``(H + d·s·I)⁻¹ B``. Two diagnostics: ``bias_bound = (1 − μ/s)^J`` bounds the relative error left by truncating the
 series after J steps when μ ≤ the smallest eigenvalue of H (we pass μ = λ + δ, a valid bound when
 the data-loss Hessian is positive semi-definite, i.e. for convex models); ``converged`` is
-``bias_bound < tol``. ``last_relative_change`` is the size of the final step, which with
+``bias_bound < tol``, and the recursion stops as soon as that holds (``depth`` is the most steps). ``last_relative_change`` is the size of the final step, which with
 minibatches smaller than the training set stays at the level of the minibatch noise.
 """
 
@@ -62,6 +62,8 @@ class Lissa:
         gen = torch.Generator(device="cpu").manual_seed(c.seed)
         batch = min(c.batch_size, self.n_train)
         total = torch.zeros_like(b2)
+        rate = max(1.0 - (c.damping + self.mu / self.scale), 0.0)
+        known = self.mu > 0 or c.damping > 0  # else no bound on the truncation error is known
         steps_run, changes = [], []
         for _ in range(c.repeats):
             x = b2.clone()
@@ -72,11 +74,12 @@ class Lissa:
                 x_new = b2 + (1.0 - c.damping) * x - self.hvp(x, idx) / self.scale
                 change = float(((x_new - x).norm(dim=0) / x_new.norm(dim=0).clamp_min(1e-300)).max())
                 x = x_new
+                if known and rate**step < c.tol:
+                    break  # the series' tail is below tol: more steps only add minibatch noise
             steps_run.append(step)
             changes.append(change)
             total += x / self.scale
-        rate = 1.0 - (c.damping + self.mu / self.scale)
-        bias = float(max(rate, 0.0) ** c.depth) if self.mu > 0 or c.damping > 0 else 1.0
+        bias = float(rate ** min(steps_run)) if known else 1.0
         self.diagnostics = {
             "steps": steps_run,
             "last_relative_change": max(changes),

@@ -1,0 +1,32 @@
+# The two set-up commands of the README: `make demo` and `make test`.
+# Both create .venv on first use and install what they need (PyTorch's CPU wheel where there is
+# no NVIDIA GPU; a GPU user's own CUDA torch is kept, since the project asks only torch>=2.4).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: demo test setup bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+setup: $(BIN)/python
+	@if ! $(BIN)/python -c "import torch" 2>/dev/null; then \
+	  if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q "torch>=2.4"; \
+	  else $(BIN)/pip install -q "$(TORCH_CPU)"; fi; \
+	fi
+	$(BIN)/pip install -q -e ".[test]"
+
+demo: setup
+	$(BIN)/influence demo
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python bench/engine_bench.py
+
+clean:
+	rm -rf runs .pytest_cache
