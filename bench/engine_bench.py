@@ -123,7 +123,7 @@ def main() -> None:
                 print(proc.stderr, file=sys.stderr)
                 raise SystemExit(f"benchmark of {model} on {device} failed")
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            print(f"done: {model} on {device}", file=sys.stderr, flush=True)
+            print(f"done: {model} on {device}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
     cli_s = cli_scores_seconds()
     header = (f"{'model':<7} {'device':<6} {'params':>7} {'acc':>6} {'build s':>8} {'1 query ms':>10} "
               f"{'500 tests s':>11} {'cg r':>9} {'cg s':>6} {'lissa r':>8} {'lissa s/pt':>10} "
