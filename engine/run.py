@@ -173,7 +173,8 @@ class Run:
                                                   device=self.device, seed=cfg.seed)
             solver = Lissa(batch_hvp(self.objective, self.theta, self.x_train, self.y_train,
                                      shift=shift), n_train=self.n_train, config=cfg, scale=scale,
-                           min_eigenvalue_bound=shift)
+                           # λ+δ bounds H's spectrum from below only when the data loss is convex
+                           min_eigenvalue_bound=shift if self.info["training"].get("convex") else 0.0)
         self._solvers[m] = solver
         return solver
 
