@@ -34,7 +34,7 @@ from .ihvp import (
     largest_eigenvalue,
 )
 from .models import make_module, make_objective, model_fingerprint, resolve_device, resolve_dtype
-from .query.topk import streaming_topk
+from .query.topk import RunningTopK
 from .store.files import load_json, load_tensors
 from .store.gradients import open_store
 
@@ -241,8 +241,11 @@ class Run:
         if top < 1:
             raise QueryError(f"top must be at least 1, got {top}")
         s = self.solver(ihvp).solve(g.T.contiguous())
-        hv, hi = streaming_topk(self._score_blocks(s), top, largest=False)
-        av, ai = streaming_topk(self._score_blocks(s), top, largest=True)
+        helpful, harmful = RunningTopK(top, largest=False), RunningTopK(top, largest=True)
+        for offset, block in self._score_blocks(s):  # one pass over the store feeds both
+            helpful.update(offset, block)
+            harmful.update(offset, block)
+        (hv, hi), (av, ai) = helpful.result(), harmful.result()
         labels = self.dataset.y_train
 
         def rows(vals: torch.Tensor, idx: torch.Tensor, j: int) -> list[dict[str, Any]]:

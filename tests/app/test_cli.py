@@ -18,10 +18,9 @@ import numpy as np
 import pytest
 
 import engine
+from tests.small_data import N_PARAMS, N_TEST, N_TRAIN, write_npz
 from app.cli import main
 
-N_TRAIN, N_TEST, N_FEATURES, N_CLASSES = 120, 40, 6, 3
-N_PARAMS = N_FEATURES * N_CLASSES + N_CLASSES
 PREFIX = "influence: error: "
 QUIET_CPU = ("--quiet", "--device", "cpu")  # no progress bars; float64 on any machine
 
@@ -30,22 +29,6 @@ QUIET_CPU = ("--quiet", "--device", "cpu")  # no progress bars; float64 on any m
 # helpers and fixtures
 
 
-def write_npz(path: Path, *, seed: int = 0, nan: bool = False) -> Path:
-    """A small, learnable, standardised 3-class problem."""
-    rng = np.random.default_rng(seed)
-
-    def split(n: int) -> tuple[np.ndarray, np.ndarray]:
-        y = rng.integers(0, N_CLASSES, n)
-        x = rng.normal(size=(n, N_FEATURES))
-        x[np.arange(n), y] += 1.5
-        return (x - x.mean(0)) / x.std(0), y
-
-    x_train, y_train = split(N_TRAIN)
-    x_test, y_test = split(N_TEST)
-    if nan:
-        x_train[4, 2] = np.nan
-    np.savez(path, X_train=x_train, y_train=y_train, X_test=x_test, y_test=y_test)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -15,29 +15,15 @@ import pytest
 import torch
 
 import engine
+from tests.small_data import N_PARAMS, N_TRAIN, write_npz
 from app.cli import main
 from engine.store.gradients import GRADS_FILE, MANIFEST_FILE, StoreWriter, open_store
 
 build_module = importlib.import_module("engine.build")  # `engine.build` is the function
 
-N_TRAIN, N_TEST, N_FEATURES, N_CLASSES = 120, 40, 6, 3
-N_PARAMS = N_FEATURES * N_CLASSES + N_CLASSES
 RUN_FILES = {"run.json", "grads.npy", "manifest.json", "model.pt", "curvature.pt"}
 
 
-def write_npz(path: Path, *, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-
-    def split(n: int) -> tuple[np.ndarray, np.ndarray]:
-        y = rng.integers(0, N_CLASSES, n)
-        x = rng.normal(size=(n, N_FEATURES))
-        x[np.arange(n), y] += 1.5
-        return (x - x.mean(0)) / x.std(0), y
-
-    x_train, y_train = split(N_TRAIN)
-    x_test, y_test = split(N_TEST)
-    np.savez(path, X_train=x_train, y_train=y_train, X_test=x_test, y_test=y_test)
-    return path
 
 
 def build_small(npz: Path, out: Path, **kw) -> engine.Run:

@@ -1,0 +1,28 @@
+"""A small, learnable, standardised 3-class .npz shared by the CLI and run-file tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+N_TRAIN, N_TEST, N_FEATURES, N_CLASSES = 120, 40, 6, 3
+N_PARAMS = N_FEATURES * N_CLASSES + N_CLASSES  # logreg: weights + biases
+
+
+def write_npz(path: Path, *, seed: int = 0, nan: bool = False) -> Path:
+    """Class c shifts feature c by +1.5; ``nan`` plants one NaN in X_train."""
+    rng = np.random.default_rng(seed)
+
+    def split(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.integers(0, N_CLASSES, n)
+        x = rng.normal(size=(n, N_FEATURES))
+        x[np.arange(n), y] += 1.5
+        return (x - x.mean(0)) / x.std(0), y
+
+    x_train, y_train = split(N_TRAIN)
+    x_test, y_test = split(N_TEST)
+    if nan:
+        x_train[4, 2] = np.nan
+    np.savez(path, X_train=x_train, y_train=y_train, X_test=x_test, y_test=y_test)
+    return path
