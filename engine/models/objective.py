@@ -57,6 +57,27 @@ class Objective:
     def as_input(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(device=self.device, dtype=self.dtype)
 
+    def activation_numel(self, x: torch.Tensor) -> int:
+        """Elements one sample produces across all leaf-module outputs (sizes HVP work blocks)."""
+        if not self.functional:
+            return 1024  # hooks are not available on TorchScript modules: a middling guess
+        total = 0
+
+        def hook(_m: nn.Module, _i: object, out: object) -> None:
+            nonlocal total
+            if isinstance(out, torch.Tensor):
+                total += out.numel()
+
+        leaves = [m for m in self.model.modules() if not list(m.children())]
+        handles = [m.register_forward_hook(hook) for m in leaves]
+        try:
+            with torch.no_grad():
+                self.model(self.as_input(x[:1]))
+        finally:
+            for h in handles:
+                h.remove()
+        return max(total, 1)
+
     # ----------------------------------------------------------------- values
     def logits(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Logits (b, C) at θ for a batch x (b, *input_shape)."""
