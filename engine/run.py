@@ -10,7 +10,8 @@ harmful, negative helpful; removing z_i changes the test loss by about ``−I/n`
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,10 @@ class Run:
         cpath = path / CURVATURE_FILE
         self._curvature = load_tensors(cpath) if cpath.exists() else {}
         self._solvers: dict[IHVPMethod, Solver] = {}
+        # queries run on a web server's threads: solvers and caches are built once, under a lock
+        self._lock = threading.RLock()
+        self._cache: dict[tuple[str, str], np.ndarray] = {}
+        self._test_grads: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ basics
     @property
@@ -144,6 +149,12 @@ class Run:
         m = parse_method(method) or self.default_method
         if m in self._solvers:
             return self._solvers[m]
+        with self._lock:
+            if m not in self._solvers:
+                self._solvers[m] = self._make_solver(m)
+        return self._solvers[m]
+
+    def _make_solver(self, m: IHVPMethod) -> Solver:
         projected = self.projector is not None
         if projected != (m is IHVPMethod.PROJECTED):
             raise QueryError(
@@ -175,7 +186,6 @@ class Run:
                                      shift=shift), n_train=self.n_train, config=cfg, scale=scale,
                            # λ+δ bounds H's spectrum from below only when the data loss is convex
                            min_eigenvalue_bound=shift if self.info["training"].get("convex") else 0.0)
-        self._solvers[m] = solver
         return solver
 
     def ihvp_report(self, method: str | IHVPMethod | None = None) -> dict[str, Any]:
@@ -218,15 +228,59 @@ class Run:
         idx = _indices(test_index, self.n_test, "test")
         return self.scores_for_gradients(self.test_gradients(idx), ihvp).cpu().double().numpy()
 
+    def _cached(self, key: tuple[str, str], compute: Callable[[], np.ndarray]) -> np.ndarray:
+        """``compute()`` once per key (read-only result), even when threads ask at the same time."""
+        hit = self._cache.get(key)
+        if hit is None:
+            with self._lock:
+                hit = self._cache.get(key)
+                if hit is None:
+                    hit = compute()
+                    hit.setflags(write=False)
+                    self._cache[key] = hit
+        return hit
+
+    def predictions(self, split: str = "test") -> np.ndarray:
+        """Class probabilities of every point of ``split`` ("train" or "test"), float64 (n, C), cached."""
+        if split not in ("train", "test"):
+            raise QueryError(f"unknown split {split!r}: use train or test")
+        x = self.x_train if split == "train" else self.x_test
+
+        def compute() -> np.ndarray:
+            return np.concatenate([self.predict_proba(x[s : s + 4096]) for s in range(0, len(x), 4096)]
+                                  ).astype(np.float64)
+
+        return self._cached(("proba", split), compute)
+
     def self_influence(self, ihvp: str | IHVPMethod | None = None, *, block: int = 4096
                        ) -> np.ndarray:
-        """``I_up,loss(z_i, z_i) = −g_iᵀ H⁻¹ g_i`` for every training point, float64 (n_train,)."""
+        """``I_up,loss(z_i, z_i) = −g_iᵀ H⁻¹ g_i`` for every training point, float64 (n_train,);
+        computed once per IHVP method and cached (read-only)."""
         solver = self.solver(ihvp)
-        out = []
-        for start in range(0, self.n_train, block):
-            g = self.store[start : start + block]  # (b, d)
-            out.append(-(g * solver.solve(g.T.contiguous()).T).sum(dim=1))
-        return torch.cat(out).cpu().double().numpy()
+
+        def compute() -> np.ndarray:
+            out = []
+            for start in range(0, self.n_train, block):
+                g = self.store[start : start + block]  # (b, d)
+                out.append(-(g * solver.solve(g.T.contiguous()).T).sum(dim=1))
+            return torch.cat(out).cpu().double().numpy()
+
+        return self._cached(("self", solver.method.value), compute)
+
+    def _all_test_gradients(self) -> torch.Tensor:
+        """(n_test, d) gradients of every test point in the store's space, computed once."""
+        if self._test_grads is None:
+            with self._lock:
+                if self._test_grads is None:
+                    self._test_grads = self.test_gradients(np.arange(self.n_test))
+        return self._test_grads
+
+    def train_influence(self, train_index: int, ihvp: str | IHVPMethod | None = None) -> np.ndarray:
+        """``I_up,loss(z_i, z_test)`` of one training point on every test point, float64 (n_test,):
+        row ``train_index`` of :meth:`scores`, computed with one solve."""
+        i = int(_indices(train_index, self.n_train, "train")[0])
+        s = self.solver(ihvp).solve(self.store[i][:, None].contiguous())  # (d, 1) = H⁻¹ ∇L(z_i)
+        return (-(self._all_test_gradients() @ s)[:, 0]).cpu().double().numpy()
 
     def params(self, train_index: int, ihvp: str | IHVPMethod | None = None) -> np.ndarray:
         """``I_up,params(z_i) = −H⁻¹ ∇L(z_i)``, float64 (p,) in ``named_parameters()`` order."""
@@ -268,6 +322,27 @@ class Run:
             **result,
             "ihvp": self.ihvp_report(ihvp),
         }
+
+
+    def explain_input(self, x: np.ndarray, *, label: int | None = None, top: int = 10,
+                      ihvp: str | IHVPMethod | None = None) -> dict[str, Any]:
+        """:meth:`explain` for a new input ``x`` shaped like one data point (``input_shape``).
+
+        The test loss is taken at ``label``, or at the predicted class when no label is given
+        (then the lists explain the prediction itself)."""
+        arr = np.asarray(x, dtype=np.float64)
+        if arr.shape != tuple(self.dataset.input_shape):
+            raise QueryError(f"input shape {arr.shape} is not the run's {tuple(self.dataset.input_shape)}")
+        xt = torch.from_numpy(arr[None]).to(self.device, self.dtype)
+        proba = self.predict_proba(xt)[0]
+        predicted = int(proba.argmax())
+        if label is not None and not 0 <= label < self.dataset.n_classes:
+            raise QueryError(f"label {label} is out of range 0..{self.dataset.n_classes - 1}")
+        target = predicted if label is None else int(label)
+        g = self.input_gradients(xt, torch.tensor([target]))
+        result = self.top_influences(g, top=top, ihvp=ihvp)[0]
+        return {"label": label, "explained_class": target, "predicted": predicted,
+                "probabilities": [float(p) for p in proba], **result, "ihvp": self.ihvp_report(ihvp)}
 
 
 def open_run(path: str | Path, *, device: str | None = None) -> Run:

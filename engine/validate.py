@@ -23,7 +23,7 @@ from .models.objective import Objective
 from .models.train import GRAD_TOL, NEWTON_MAX_PARAMS, _lbfgs, objective_value_and_grad, train_convex
 from .run import Run
 
-__all__ = ["leave_one_out", "pearson", "spearman"]
+__all__ = ["group_removal", "leave_one_out", "pearson", "spearman"]
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
@@ -58,6 +58,53 @@ def _retrain_convex(obj: Objective, theta: torch.Tensor, x: torch.Tensor, y: tor
     return train_convex(obj, x, y, weight_decay=lam, warm=True).theta
 
 
+def _is_convex(run: Run) -> bool:
+    return ModelKind(run.info["model"]["kind"]) in CONVEX_MODELS
+
+
+def _newton(run: Run) -> Any:
+    """The run's exact solver, used for chord iterations, where the model is convex and small."""
+    ok = _is_convex(run) and run.projector is None and run.objective.n_params <= NEWTON_MAX_PARAMS
+    return run.solver("exact") if ok else None
+
+
+def _ground_truth(run: Run, what: str) -> str:
+    return (f"{what} retraining to the exact optimum (warm-started, Newton)" if _is_convex(run)
+            else f"warm-started {what} retraining (full-batch L-BFGS)")
+
+
+def _retrain_without(run: Run, keep: torch.Tensor, *, newton: Any, lbfgs_steps: int) -> torch.Tensor:
+    """θ retrained on the training points where ``keep`` is true, on the mean objective
+    ``(1/|kept|) Σ L + (λ/2)‖θ‖²``, warm-started from θ̂. Leaves ``run.objective`` loaded with θ̂."""
+    obj, theta = run.objective, run.theta
+    x, y = run.x_train[keep.to(run.x_train.device)], run.y_train[keep.to(run.y_train.device)]
+    obj.load_flat(theta)
+    lam = run.config.weight_decay
+    if _is_convex(run):
+        new = _retrain_convex(obj, theta, x, y, lam=lam, newton=newton)
+    else:
+        new, _ = _lbfgs(obj, theta, x, y, weight_decay=lam, steps=lbfgs_steps)
+    obj.load_flat(theta)
+    return new
+
+
+def group_removal(run: Run, train_ids: Sequence[int], test_index: Sequence[int], *,
+                  lbfgs_steps: int = 300) -> dict[str, Any]:
+    """Actual change of each chosen test loss when the whole group ``train_ids`` is removed and
+    the model retrained (the ground truth for :func:`engine.group.group_influence`)."""
+    t0 = time.perf_counter()
+    tests = np.asarray(test_index, dtype=np.int64)
+    group = np.unique(np.asarray(train_ids, dtype=np.int64))
+    xt, yt = run.x_test[torch.as_tensor(tests)], run.y_test[torch.as_tensor(tests)]
+    base = _test_losses(run.objective, run.theta, xt, yt)
+    keep = torch.ones(run.n_train, dtype=torch.bool)
+    keep[torch.as_tensor(group)] = False
+    new = _retrain_without(run, keep, newton=_newton(run), lbfgs_steps=lbfgs_steps)
+    return {"actual": _test_losses(run.objective, new, xt, yt) - base,
+            "ground_truth": _ground_truth(run, "group-removal"),
+            "seconds": time.perf_counter() - t0}
+
+
 def leave_one_out(run: Run, *, test_index: Sequence[int], train_index: Sequence[int] | None = None,
                   top: int = 10, ihvp: str | None = None, lbfgs_steps: int = 300,
                   progress: bool = False) -> dict[str, Any]:
@@ -78,23 +125,15 @@ def leave_one_out(run: Run, *, test_index: Sequence[int], train_index: Sequence[
     else:
         removals = [int(i) for i in train_index]
     obj, theta = run.objective, run.theta
-    convex = ModelKind(run.info["model"]["kind"]) in CONVEX_MODELS
-    lam = run.config.weight_decay
     xt, yt = run.x_test[torch.as_tensor(tests)], run.y_test[torch.as_tensor(tests)]
     base = _test_losses(obj, theta, xt, yt)
     keep = torch.ones(n, dtype=torch.bool)
-    newton = (run.solver("exact") if convex and run.projector is None
-              and obj.n_params <= NEWTON_MAX_PARAMS else None)
+    newton = _newton(run)
     actual = np.empty((len(removals), len(tests)))
     for r, i in enumerate(tqdm(removals, desc="retrain", disable=not progress, file=sys.stderr)):
         keep[:] = True
         keep[i] = False
-        x, y = run.x_train[keep.to(run.x_train.device)], run.y_train[keep.to(run.y_train.device)]
-        obj.load_flat(theta)
-        if convex:
-            new = _retrain_convex(obj, theta, x, y, lam=lam, newton=newton)
-        else:
-            new, _ = _lbfgs(obj, theta, x, y, weight_decay=lam, steps=lbfgs_steps)
+        new = _retrain_without(run, keep, newton=newton, lbfgs_steps=lbfgs_steps)
         actual[r] = _test_losses(obj, new, xt, yt) - base
     obj.load_flat(theta)
     predicted = -scores[removals] / n  # (k, m)
@@ -112,8 +151,7 @@ def leave_one_out(run: Run, *, test_index: Sequence[int], train_index: Sequence[
         "actual": a,
         "pearson": pearson(p, a),
         "spearman": spearman(p, a),
-        "ground_truth": ("leave-one-out retraining to the exact optimum (warm-started, Newton)"
-                         if convex else "warm-started leave-one-out retraining (full-batch L-BFGS)"),
+        "ground_truth": _ground_truth(run, "leave-one-out"),
         "ihvp": ihvp or run.default_method.value,
         "seconds": time.perf_counter() - t0,
     }
