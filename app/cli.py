@@ -128,12 +128,12 @@ def _summary(run: Any) -> dict[str, Any]:
             "ihvp": info["config"]["ihvp"], "timings": info["timings"]}
 
 
-def _serve(run_path: Path, host: str, port: int) -> None:
+def _serve(run_path: Path, host: str, port: int, run: Any) -> None:
     try:
         from app.main import serve
     except ImportError as exc:
         raise UsageError(f"the web dashboard is not available: {exc}") from exc
-    serve(run_path, host=host, port=port)
+    serve(run_path, host=host, port=port, run=run)
 
 
 def _dispatch(args: argparse.Namespace) -> None:
@@ -157,13 +157,17 @@ def _dispatch(args: argparse.Namespace) -> None:
                   f"{summary['timings']['total_s']:.1f} s")
         return
     if args.command == "demo":
-        if not (DEMO_RUN / "run.json").exists():
-            engine.build("digits", "logreg", DEMO_RUN, force=DEMO_RUN.exists())
-        _serve(DEMO_RUN, args.host, args.port)
+        try:
+            run = engine.open_run(DEMO_RUN)
+        except engine.RunError as exc:  # missing, stale or from an older version: build it afresh
+            if (DEMO_RUN / "run.json").exists():
+                print(f"rebuilding the demo run: {exc}", file=sys.stderr)
+            run = engine.build("digits", "logreg", DEMO_RUN, force=DEMO_RUN.exists())
+        _serve(DEMO_RUN, args.host, args.port, run)
         return
     if args.command == "serve":
-        engine.open_run(args.run)  # refuse a bad run here, with a one-line error
-        _serve(args.run, args.host, args.port)
+        # opened here, once: a bad run is refused with a one-line error before the server starts
+        _serve(args.run, args.host, args.port, engine.open_run(args.run))
         return
     if getattr(args, "out", None) is not None:
         _check_out(args.out)

@@ -6,50 +6,62 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 import engine
-from app.api import error_status, pages, router
-from app.settings import Settings
 
-__all__ = ["create_app", "serve", "ROOT", "TEMPLATES_DIR", "STATIC_DIR"]
+from .errors import install_error_handlers
+from .routes import assets, images, meta, pages, queries, test_points, train_points
+from .services import Dashboard
+from .settings import Settings
+
+__all__ = ["ROOT", "STATIC_DIR", "TEMPLATES_DIR", "create_app", "serve"]
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository root (parent of app/)
 TEMPLATES_DIR = ROOT / "templates"
 STATIC_DIR = ROOT / "static"
+SWAGGER = "/static/vendor/swagger-ui"
 
 
-async def _influence_error(request: Request, exc: Exception) -> JSONResponse:
-    """The one place where engine errors become HTTP errors (see :func:`app.api.error_status`)."""
-    assert isinstance(exc, engine.InfluenceError)
-    return JSONResponse({"detail": " ".join(str(exc).split())}, status_code=error_status(exc))
-
-
-def create_app(settings: Settings) -> FastAPI:
-    """The dashboard app for ``settings.run``; the run is opened once, when the app starts."""
+def create_app(settings: Settings, *, run: engine.Run | None = None) -> FastAPI:
+    """The dashboard app for ``settings.run``, opened once when the app starts (or ``run``,
+    already opened, e.g. by ``influence demo`` right after building it)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.run = engine.open_run(settings.run)
+        app.state.run = run if run is not None else engine.open_run(settings.run)
+        app.state.dashboard = Dashboard(app.state.run)
         yield
 
-    app = FastAPI(title="influence-dashboard", version="0.1.0", lifespan=lifespan,
-                  description="Influence functions for image classifiers (Koh & Liang 2017).")
+    app = FastAPI(title="influence-dashboard", version="0.1.0", lifespan=lifespan, docs_url=None,
+                  description="Influence functions for image classifiers (Koh & Liang 2017). "
+                              "Scores are I_up,loss: negative helpful, positive harmful.")
     app.state.settings = settings
     app.state.templates = Jinja2Templates(directory=TEMPLATES_DIR)
-    app.add_exception_handler(engine.InfluenceError, _influence_error)
+    install_error_handlers(app)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    app.include_router(router)
-    app.include_router(pages)
+    for module in (meta, test_points, train_points, images, queries, assets, pages):
+        app.include_router(module.router)
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        """Swagger UI from the local bundle (no CDN)."""
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="influence-dashboard API",
+                                   swagger_js_url=f"{SWAGGER}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{SWAGGER}/swagger-ui.css",
+                                   swagger_favicon_url="/static/favicon.svg")
+
     return app
 
 
-def serve(run_path: str | Path, *, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(run_path: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
+          run: engine.Run | None = None) -> None:
     """Serve the dashboard for ``run_path`` with uvicorn (blocks until interrupted)."""
     import uvicorn
 
     settings = Settings(run=Path(run_path), host=host, port=port)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+    uvicorn.run(create_app(settings, run=run), host=settings.host, port=settings.port)

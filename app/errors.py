@@ -1,0 +1,38 @@
+"""The one place where domain errors become HTTP errors: JSON ``{"detail": ...}`` with a 4xx."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from engine import IndexOutOfRange, InfluenceError, QueryError
+
+from .images import UploadError
+
+__all__ = ["error_detail", "error_status", "install_error_handlers"]
+
+
+def error_status(exc: Exception) -> int:
+    """HTTP status for a domain error: 404 for an index out of range, 422 for another bad query,
+    the upload's own status for a bad upload, 400 for anything else the user caused."""
+    if isinstance(exc, UploadError):
+        return exc.status
+    if isinstance(exc, IndexOutOfRange):
+        return 404
+    if isinstance(exc, QueryError):
+        return 422
+    return 400
+
+
+def error_detail(exc: Exception) -> str:
+    """The error's message on one line."""
+    return " ".join(str(exc).split())
+
+
+async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": error_detail(exc)}, status_code=error_status(exc))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(InfluenceError, _domain_error)
+    app.add_exception_handler(UploadError, _domain_error)

@@ -1,0 +1,54 @@
+"""``POST /api/v1/query`` (explain an uploaded image) and ``POST /api/v1/group-influence``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, File, Query, Request, UploadFile
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from ..deps import DashDep, SettingsDep
+from ..images import UploadError
+from ..services import DEFAULT_TOP
+from .params import IhvpParam, TopParam
+
+router = APIRouter(prefix="/api/v1", tags=["queries"])
+
+MULTIPART_OVERHEAD = 64 * 1024  # bytes of form framing allowed beyond the upload limit
+
+
+class GroupRequest(BaseModel):
+    """A group of training points and the test points whose losses it should be measured on."""
+
+    train_ids: list[int] = Field(min_length=1, max_length=1_000_000, description="the group")
+    test_ids: list[int] = Field(min_length=1, max_length=100_000, description="test points")
+    order: Literal[1, 2] = Field(default=1, description="1: sum of influences; 2: Basu et al. (2020)")
+    ihvp: str | None = Field(default=None, description="IHVP method (default: the run's own)")
+
+
+@router.post("/query")
+async def query(
+    request: Request,
+    dash: DashDep,
+    settings: SettingsDep,
+    file: Annotated[UploadFile, File(description="a PNG or JPEG image")],
+    top: TopParam = DEFAULT_TOP,
+    ihvp: IhvpParam = None,
+    label: Annotated[int | None, Query(description="class whose loss to explain (default: predicted)")] = None,
+    invert: Annotated[bool, Query(description="flip dark and light before converting")] = False,
+) -> dict[str, Any]:
+    """Explain an uploaded image: its prediction and the most helpful and harmful training points."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > settings.upload_limit + MULTIPART_OVERHEAD:
+        raise UploadError(413, f"the request is {int(declared):,} bytes; uploads are limited to "
+                               f"{settings.upload_limit:,} bytes")
+    data = await file.read(settings.upload_limit + 1)
+    return await run_in_threadpool(dash.query, data, max_bytes=settings.upload_limit, top=top,
+                                   ihvp=ihvp, label=label, invert=invert)
+
+
+@router.post("/group-influence")
+def group_influence(body: GroupRequest, dash: DashDep) -> dict[str, Any]:
+    """Predicted change of each test loss when the whole group is removed (first or second order)."""
+    return dash.group(body.train_ids, body.test_ids, order=body.order, ihvp=body.ihvp)

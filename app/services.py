@@ -1,0 +1,211 @@
+"""What the dashboard shows, computed once for the REST API and the pages alike.
+
+:class:`Dashboard` wraps an opened :class:`engine.Run` and returns plain JSON-ready dicts; the
+routes in ``app/routes/`` only parse parameters and call it, so a page and the API can never
+disagree on a number.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from engine import IHVPMethod, IndexOutOfRange, QueryError, Run
+from engine.group import group_influence
+
+from .images import decode_upload, png_bytes
+
+__all__ = ["DEFAULT_LIMIT", "DEFAULT_TOP", "MAX_LIMIT", "MAX_TOP", "Dashboard", "check_index"]
+
+DEFAULT_TOP = 10
+MAX_TOP = 500
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 1000
+
+
+def check_index(index: int, n: int, what: str) -> int:
+    if not 0 <= index < n:
+        raise IndexOutOfRange(f"{what} index {index} is out of range 0..{n - 1}")
+    return index
+
+
+def _check_top(top: int) -> int:
+    if not 1 <= top <= MAX_TOP:
+        raise QueryError(f"top must be between 1 and {MAX_TOP}, got {top}")
+    return top
+
+
+def _page(total: int, offset: int, limit: int) -> slice:
+    if offset < 0:
+        raise QueryError(f"offset must be at least 0, got {offset}")
+    if not 1 <= limit <= MAX_LIMIT:
+        raise QueryError(f"limit must be between 1 and {MAX_LIMIT}, got {limit}")
+    return slice(offset, min(offset + limit, total))
+
+
+class Dashboard:
+    """The served run and every view of it (dicts shaped like the REST responses)."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        x = run.dataset.x_train
+        self.value_range = (float(x.min()), float(x.max()))  # uploads are mapped onto this range
+
+    # ------------------------------------------------------------------ run
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.run.dataset.class_names)
+
+    @property
+    def methods(self) -> list[str]:
+        """IHVP methods a query may ask for on this run."""
+        if self.run.projector is not None:
+            return [IHVPMethod.PROJECTED.value]
+        return [m.value for m in IHVPMethod if m is not IHVPMethod.PROJECTED]
+
+    def _test_predicted(self) -> np.ndarray:
+        return self.run.predictions("test").argmax(axis=1)
+
+    def health(self) -> dict[str, Any]:
+        run = self.run
+        return {"status": "ok", "n_train": run.n_train, "n_test": run.n_test,
+                "n_classes": run.dataset.n_classes, "model": run.info["model"]["kind"],
+                "ihvp": run.default_method.value, "methods": self.methods,
+                "test_accuracy": run.info["training"].get("test_accuracy")}
+
+    def summary(self, ihvp: str | None = None) -> dict[str, Any]:
+        """The run at a glance: data, model, training, accuracy, confusion matrix, IHVP report."""
+        run = self.run
+        y, pred = run.dataset.y_test, self._test_predicted()
+        c = run.dataset.n_classes
+        confusion = np.zeros((c, c), dtype=np.int64)  # rows: true class, columns: predicted
+        np.add.at(confusion, (y, pred), 1)
+        return {
+            **self.health(),
+            "data": run.dataset.source,
+            "class_names": self.class_names,
+            "input_shape": list(run.dataset.input_shape),
+            "n_params": run.info["model"].get("n_params"),
+            "weight_decay": run.config.weight_decay,
+            "damping": run.config.damping,
+            "training": run.info["training"],
+            "accuracy": float((y == pred).mean()),
+            "confusion": confusion.tolist(),
+            "ihvp_report": run.ihvp_report(ihvp),
+        }
+
+    # ------------------------------------------------------------------ test points
+    def test_points(self, *, offset: int = 0, limit: int = DEFAULT_LIMIT, label: int | None = None,
+                    predicted: int | None = None, misclassified: bool | None = None,
+                    min_confidence: float | None = None, max_confidence: float | None = None
+                    ) -> dict[str, Any]:
+        """Test points matching every given filter, in id order, one page of them."""
+        run = self.run
+        proba = run.predictions("test")
+        pred, conf, y = proba.argmax(axis=1), proba.max(axis=1), run.dataset.y_test
+        keep = np.ones(run.n_test, dtype=bool)
+        for name, value in (("label", label), ("predicted", predicted)):
+            if value is not None and not 0 <= value < run.dataset.n_classes:
+                raise QueryError(f"{name} {value} is out of range 0..{run.dataset.n_classes - 1}")
+        if label is not None:
+            keep &= y == label
+        if predicted is not None:
+            keep &= pred == predicted
+        if misclassified is not None:
+            keep &= (pred != y) == misclassified
+        if min_confidence is not None:
+            keep &= conf >= min_confidence
+        if max_confidence is not None:
+            keep &= conf <= max_confidence
+        ids = np.flatnonzero(keep)
+        page = ids[_page(len(ids), offset, limit)]
+        return {"total": len(ids), "offset": offset, "limit": limit,
+                "items": [{"test_id": int(i), "label": int(y[i]), "predicted": int(pred[i]),
+                           "confidence": float(conf[i])} for i in page]}
+
+    def test_point(self, test_id: int) -> dict[str, Any]:
+        i = check_index(test_id, self.run.n_test, "test")
+        proba = self.run.predictions("test")[i]
+        return {"test_id": i, "label": int(self.run.dataset.y_test[i]), "predicted": int(proba.argmax()),
+                "probabilities": proba.tolist()}
+
+    def test_point_influence(self, test_id: int, *, top: int = DEFAULT_TOP, ihvp: str | None = None
+                             ) -> dict[str, Any]:
+        """Top-k helpful and harmful training points of one test point (the contract's shape)."""
+        check_index(test_id, self.run.n_test, "test")
+        return self.run.explain(test_id, top=_check_top(top), ihvp=ihvp)
+
+    def test_point_scores(self, test_id: int, *, ihvp: str | None = None) -> dict[str, Any]:
+        """Every training point's ``I_up,loss`` on one test point, and their sum per training class."""
+        i = check_index(test_id, self.run.n_test, "test")
+        scores = self.run.scores([i], ihvp=ihvp)[:, 0]  # (n_train,)
+        by_class = np.bincount(self.run.dataset.y_train, weights=scores,
+                               minlength=self.run.dataset.n_classes)
+        return {"test_id": i, "ihvp": ihvp or self.run.default_method.value,
+                "scores": scores.tolist(), "by_class": by_class.tolist()}
+
+    # ------------------------------------------------------------------ training points
+    def _self_order(self, ihvp: str | None) -> tuple[np.ndarray, np.ndarray]:
+        """Self-influence (n,) and the ids ranked by its magnitude, largest first."""
+        s = self.run.self_influence(ihvp)
+        return s, self.run.cached(("self-rank", ihvp or self.run.default_method.value),
+                                lambda: np.argsort(-np.abs(s), kind="stable"))
+
+    def train_point(self, train_id: int, *, ihvp: str | None = None) -> dict[str, Any]:
+        i = check_index(train_id, self.run.n_train, "train")
+        s, order = self._self_order(ihvp)
+        rank = int(np.flatnonzero(order == i)[0]) + 1
+        proba = self.run.predictions("train")[i]
+        return {"train_id": i, "label": int(self.run.dataset.y_train[i]),
+                "predicted": int(proba.argmax()), "probabilities": proba.tolist(),
+                "self_influence": float(s[i]), "rank": rank, "n_train": self.run.n_train,
+                "ihvp": ihvp or self.run.default_method.value}
+
+    def train_point_influence(self, train_id: int, *, top: int = DEFAULT_TOP, ihvp: str | None = None
+                              ) -> dict[str, Any]:
+        """The test points whose loss up-weighting this training point lowers most (helpful) and
+        raises most (harmful)."""
+        i = check_index(train_id, self.run.n_train, "train")
+        k = min(_check_top(top), self.run.n_test)
+        scores = self.run.train_influence(i, ihvp=ihvp)  # (n_test,)
+        order = np.argsort(scores, kind="stable")
+        pred, y = self._test_predicted(), self.run.dataset.y_test
+
+        def rows(ids: np.ndarray) -> list[dict[str, Any]]:
+            return [{"test_id": int(j), "score": float(scores[j]), "label": int(y[j]),
+                     "predicted": int(pred[j])} for j in ids]
+
+        return {"train_id": i, "ihvp": ihvp or self.run.default_method.value,
+                "helpful": rows(order[:k]), "harmful": rows(order[::-1][:k])}
+
+    def self_influence_ranking(self, *, top: int = DEFAULT_LIMIT, offset: int = 0,
+                               ihvp: str | None = None) -> dict[str, Any]:
+        """Training points ranked by |self-influence| (likely mislabelled first), one page."""
+        s, order = self._self_order(ihvp)
+        page = order[_page(len(order), offset, top)]
+        proba = self.run.predictions("train")
+        y = self.run.dataset.y_train
+        return {"ihvp": ihvp or self.run.default_method.value, "total": self.run.n_train,
+                "offset": offset, "limit": top,
+                "items": [{"rank": offset + r + 1, "train_id": int(i), "self_influence": float(s[i]),
+                           "label": int(y[i]), "predicted": int(proba[i].argmax()),
+                           "confidence": float(proba[i].max())} for r, i in enumerate(page)]}
+
+    # ------------------------------------------------------------------ groups and uploads
+    def group(self, train_ids: Sequence[int], test_ids: Sequence[int], *, order: int = 1,
+              ihvp: str | None = None) -> dict[str, Any]:
+        return group_influence(self.run, train_ids, test_ids, order=order, ihvp=ihvp)
+
+    def query(self, data: bytes, *, max_bytes: int, top: int = DEFAULT_TOP, ihvp: str | None = None,
+              label: int | None = None, invert: bool = False) -> dict[str, Any]:
+        """Explain an uploaded PNG/JPEG: its prediction and the helpful and harmful training points."""
+        _check_top(top)
+        x = decode_upload(data, input_shape=self.run.dataset.input_shape, value_range=self.value_range,
+                          max_bytes=max_bytes, invert=invert)
+        result = self.run.explain_input(x, label=label, top=top, ihvp=ihvp)
+        # the input as the model sees it (resized, converted), for the page to show
+        result["input_png"] = "data:image/png;base64," + base64.b64encode(png_bytes(x)).decode()
+        return result
