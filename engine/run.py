@@ -228,8 +228,8 @@ class Run:
         idx = _indices(test_index, self.n_test, "test")
         return self.scores_for_gradients(self.test_gradients(idx), ihvp).cpu().double().numpy()
 
-    def _cached(self, key: tuple[str, str], compute: Callable[[], np.ndarray]) -> np.ndarray:
-        """``compute()`` once per key (read-only result), even when threads ask at the same time."""
+    def cached(self, key: tuple[str, str], compute: Callable[[], np.ndarray]) -> np.ndarray:
+        """``compute()`` once per ``key`` (the result made read-only), even when threads ask at once."""
         hit = self._cache.get(key)
         if hit is None:
             with self._lock:
@@ -250,7 +250,7 @@ class Run:
             return np.concatenate([self.predict_proba(x[s : s + 4096]) for s in range(0, len(x), 4096)]
                                   ).astype(np.float64)
 
-        return self._cached(("proba", split), compute)
+        return self.cached(("proba", split), compute)
 
     def self_influence(self, ihvp: str | IHVPMethod | None = None, *, block: int = 4096
                        ) -> np.ndarray:
@@ -265,7 +265,7 @@ class Run:
                 out.append(-(g * solver.solve(g.T.contiguous()).T).sum(dim=1))
             return torch.cat(out).cpu().double().numpy()
 
-        return self._cached(("self", solver.method.value), compute)
+        return self.cached(("self", solver.method.value), compute)
 
     def _all_test_gradients(self) -> torch.Tensor:
         """(n_test, d) gradients of every test point in the store's space, computed once."""
