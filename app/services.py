@@ -52,7 +52,10 @@ class Dashboard:
     def __init__(self, run: Run) -> None:
         self.run = run
         x = run.dataset.x_train
-        self.value_range = (float(x.min()), float(x.max()))  # uploads are mapped onto this range
+        lo, hi = float(x.min()), float(x.max())
+        # uploads' 0..255 map onto [0, 1] when the data lie in it (as served PNGs do), else onto
+        # the training range, mirroring how :func:`app.images.png_bytes` encodes inputs
+        self.value_range = (0.0, 1.0) if 0.0 <= lo and hi <= 1.0 else (lo, hi)
 
     # ------------------------------------------------------------------ run
     @property
