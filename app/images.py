@@ -98,7 +98,9 @@ def decode_upload(data: bytes, *, input_shape: tuple[int, ...], value_range: tup
         raise UploadError(400, f"the image could not be decoded (truncated or corrupt: {exc})") from None
     img = img.convert(mode)
     shrink = img.width >= w and img.height >= h
-    img = img.resize((w, h), Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR)
+    method = Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR
+    # band by band: PIL premultiplies alpha when resizing LA/RGBA, which would alter the colours
+    img = Image.merge(mode, [band.resize((w, h), method) for band in img.split()])
     pixels = np.asarray(img, dtype=np.float64) / 255.0  # (h, w[, c]) in [0, 1]
     if invert:
         pixels = 1.0 - pixels
