@@ -7,16 +7,25 @@ from fastapi.responses import JSONResponse
 
 from engine import IndexOutOfRange, InfluenceError, QueryError
 
+from .audits.db import DatabaseError
+from .audits.store import AuditNotFound, Forbidden
 from .images import UploadError
 
 __all__ = ["error_detail", "error_status", "install_error_handlers"]
 
 
 def error_status(exc: Exception) -> int:
-    """HTTP status for a domain error: 404 for an index out of range, 422 for another bad query,
-    the upload's own status for a bad upload, 400 for anything else the user caused."""
+    """HTTP status for a domain error: 404 for an index out of range or an unknown audit, 422 for
+    another bad query, the upload's own status for a bad upload, 403 for a write without the
+    right token, 503 when the audit database is unavailable, 400 for anything else."""
     if isinstance(exc, UploadError):
         return exc.status
+    if isinstance(exc, AuditNotFound):
+        return 404
+    if isinstance(exc, Forbidden):
+        return 403
+    if isinstance(exc, DatabaseError):
+        return 503
     if isinstance(exc, IndexOutOfRange):
         return 404
     if isinstance(exc, QueryError):
@@ -35,4 +44,5 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(InfluenceError, _domain_error)
-    app.add_exception_handler(UploadError, _domain_error)
+    for exc in (UploadError, AuditNotFound, Forbidden, DatabaseError):
+        app.add_exception_handler(exc, _domain_error)

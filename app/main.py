@@ -14,8 +14,9 @@ from fastapi.templating import Jinja2Templates
 
 import engine
 
+from .audits.db import make_engine, migrate, session_factory
 from .errors import install_error_handlers
-from .routes import assets, images, meta, pages, queries, test_points, train_points
+from .routes import assets, audits, images, meta, pages, queries, test_points, train_points
 from .services import Dashboard
 from .settings import Settings
 
@@ -35,7 +36,11 @@ def create_app(settings: Settings, *, run: engine.Run | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.run = run if run is not None else engine.open_run(settings.run)
         app.state.dashboard = Dashboard(app.state.run)
+        db = make_engine(settings.resolved_database_url)
+        migrate(db)
+        app.state.audit_sessions = session_factory(db)
         yield
+        db.dispose()
 
     app = FastAPI(title="influence-dashboard", version="0.1.0", lifespan=lifespan, docs_url=None,
                   description="Influence functions for image classifiers (Koh & Liang 2017). "
@@ -44,7 +49,7 @@ def create_app(settings: Settings, *, run: engine.Run | None = None) -> FastAPI:
     app.state.templates = Jinja2Templates(directory=TEMPLATES_DIR)
     install_error_handlers(app)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    for module in (meta, test_points, train_points, images, queries, assets, pages):
+    for module in (meta, test_points, train_points, images, queries, audits, assets, pages):
         app.include_router(module.router)
 
     @app.get("/docs", include_in_schema=False)

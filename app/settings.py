@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["DEFAULT_UPLOAD_LIMIT", "Settings"]
+__all__ = ["DEFAULT_UPLOAD_LIMIT", "MIN_API_KEY", "Settings"]
 
 DEFAULT_UPLOAD_LIMIT = 5 * 1024 * 1024  # bytes
+MIN_API_KEY = 16  # characters
 
 
 class Settings(BaseSettings):
@@ -17,7 +18,7 @@ class Settings(BaseSettings):
 
     ``run`` is required (there is no safe default run); every field can be set from the
     environment: ``INFLUENCE_RUN``, ``INFLUENCE_HOST``, ``INFLUENCE_PORT``,
-    ``INFLUENCE_DATABASE_URL``, ``INFLUENCE_UPLOAD_LIMIT``.
+    ``INFLUENCE_DATABASE_URL``, ``INFLUENCE_UPLOAD_LIMIT``, ``INFLUENCE_API_KEY``.
     """
 
     model_config = SettingsConfigDict(env_prefix="INFLUENCE_", frozen=True)
@@ -30,9 +31,18 @@ class Settings(BaseSettings):
                                   "audits.sqlite3 beside the run folder)")
     upload_limit: int = Field(default=DEFAULT_UPLOAD_LIMIT, ge=1024,
                               description="largest accepted upload, in bytes")
+    api_key: SecretStr | None = Field(
+        default=None, description="a key that may edit every audit and list them (Bearer token)")
 
     @property
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.run.resolve().parent / 'audits.sqlite3').as_posix()}"
+
+    @field_validator("api_key")
+    @classmethod
+    def _long_enough(cls, key: SecretStr | None) -> SecretStr | None:
+        if key is not None and len(key.get_secret_value()) < MIN_API_KEY:
+            raise ValueError(f"the API key must be at least {MIN_API_KEY} characters")
+        return key

@@ -1,0 +1,62 @@
+"""Request bodies of the audit routes (the contract's item shapes, with a few optional extras)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["MAX_ITEMS", "AuditCreate", "AuditUpdate", "GroupItem", "Item", "MislabelItem",
+           "TestPointItem"]
+
+MAX_ITEMS = 500  # per request
+MAX_NOTE = 10_000
+Note = Annotated[str, Field(default="", max_length=MAX_NOTE, description="free text")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TestPointItem(_Strict):
+    """A test point; the server snapshots its prediction and helpful/harmful lists as seen now."""
+
+    kind: Literal["test_point"]
+    test_id: int
+    note: Note = ""
+    top: int = Field(default=10, ge=1, le=100, description="entries per list")
+    ihvp: str | None = Field(default=None, description="IHVP method (default: the run's own)")
+
+
+class MislabelItem(_Strict):
+    """A training point judged mislabelled (with an optional suggested label) or fine."""
+
+    kind: Literal["mislabel"]
+    train_id: int
+    suggested_label: int | None = None
+    verdict: Literal["mislabelled", "fine"] = "mislabelled"
+    note: Note = ""
+
+
+class GroupItem(_Strict):
+    """A group of training points with its influence on chosen test points."""
+
+    kind: Literal["group"]
+    train_ids: list[int] = Field(min_length=1, max_length=100_000)
+    test_ids: list[int] = Field(min_length=1, max_length=1_000)
+    order: Literal[1, 2] = 1
+    note: Note = ""
+
+
+Item = Annotated[TestPointItem | MislabelItem | GroupItem, Field(discriminator="kind")]
+
+
+class AuditCreate(_Strict):
+    title: str = Field(min_length=1, max_length=200)
+    description: str = Field(default="", max_length=MAX_NOTE)
+    items: list[Item] = Field(default_factory=list, max_length=MAX_ITEMS)
+
+
+class AuditUpdate(_Strict):
+    title: str | None = Field(default=None, min_length=1, max_length=200)
+    description: str | None = Field(default=None, max_length=MAX_NOTE)

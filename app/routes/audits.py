@@ -1,0 +1,152 @@
+"""Audits: ``/api/v1/audits`` (JSON) and their permalinks and exports under ``/audits/{slug}``.
+
+Reading needs only the slug (the permalink is unguessable); writing needs the edit token that
+creation returned, or the server's API key, as ``Authorization: Bearer <token>``.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Request, Response
+from fastapi.responses import HTMLResponse, PlainTextResponse
+from starlette.concurrency import run_in_threadpool
+
+from ..audits import store
+from ..audits.exports import to_csv, to_json, to_relabel_csv
+from ..audits.report import render_report
+from ..audits.schemas import AuditCreate, AuditUpdate, Item
+from ..audits.snapshot import run_info, snapshot
+from ..deps import DashDep, SettingsDep
+from ..services import DEFAULT_LIMIT
+from .params import LimitParam, OffsetParam
+
+router = APIRouter(tags=["audits"])
+
+Authorization = Annotated[str | None, Header(description="Bearer <edit token or API key>")]
+
+
+def _bearer(header: str | None) -> str | None:
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _api_key(settings: Any) -> str | None:
+    return settings.api_key.get_secret_value() if settings.api_key else None
+
+
+def _sessions(request: Request) -> Any:
+    return request.app.state.audit_sessions
+
+
+def _view(request: Request, dash: Any, slug: str) -> dict[str, Any]:
+    return store.to_dict(store.get_audit(_sessions(request), slug), current_run=run_info(dash))
+
+
+def _links(slug: str) -> dict[str, str]:
+    return {"url": f"/audits/{slug}", "api_url": f"/api/v1/audits/{slug}",
+            "html": f"/audits/{slug}.html", "json": f"/audits/{slug}.json",
+            "csv": f"/audits/{slug}.csv", "relabel_csv": f"/audits/{slug}/relabel.csv"}
+
+
+def _new_item(dash: Any, item: Item) -> store.NewItem:
+    return item.kind, item.note, snapshot(dash, item)
+
+
+@router.post("/api/v1/audits", status_code=201)
+async def create_audit(body: AuditCreate, request: Request, dash: DashDep) -> dict[str, Any]:
+    """Save an audit; answers its permalink and the edit token (shown only now: keep it)."""
+    items = await run_in_threadpool(lambda: [_new_item(dash, it) for it in body.items])
+    audit, token = await run_in_threadpool(
+        store.create_audit, _sessions(request), title=body.title, description=body.description,
+        run_info=run_info(dash), items=items)
+    return {"slug": audit.slug, "edit_token": token, **_links(audit.slug),
+            "audit": store.to_dict(audit, current_run=run_info(dash))}
+
+
+@router.get("/api/v1/audits")
+def list_audits(request: Request, settings: SettingsDep, authorization: Authorization = None,
+                offset: OffsetParam = 0, limit: LimitParam = DEFAULT_LIMIT) -> dict[str, Any]:
+    """Every audit, newest first (needs the server's API key)."""
+    key = _api_key(settings)
+    bearer = _bearer(authorization)
+    if not key or not bearer or not hmac.compare_digest(bearer.encode(), key.encode()):
+        raise store.Forbidden("listing audits needs the server's API key (INFLUENCE_API_KEY)")
+    total, rows = store.list_audits(_sessions(request), offset=offset, limit=limit)
+    return {"total": total, "offset": offset, "limit": limit,
+            "items": [{"slug": a.slug, "title": a.title, "n_items": len(a.items),
+                       "created_at": a.created_at.isoformat(), **_links(a.slug)} for a in rows]}
+
+
+@router.get("/api/v1/audits/{slug}")
+def get_audit(slug: str, request: Request, dash: DashDep) -> dict[str, Any]:
+    """The audit with its items in order, and whether the served run is the one it was saved on."""
+    return _view(request, dash, slug)
+
+
+@router.patch("/api/v1/audits/{slug}")
+def update_audit(slug: str, body: AuditUpdate, request: Request, dash: DashDep, settings: SettingsDep,
+                 authorization: Authorization = None) -> dict[str, Any]:
+    """Change the title or description (needs the edit token)."""
+    store.update_audit(_sessions(request), slug, title=body.title, description=body.description,
+                       bearer=_bearer(authorization), api_key=_api_key(settings))
+    return _view(request, dash, slug)
+
+
+@router.post("/api/v1/audits/{slug}/items", status_code=201)
+def add_item(slug: str, item: Item, request: Request, dash: DashDep, settings: SettingsDep,
+             authorization: Authorization = None) -> dict[str, Any]:
+    """Add an item at the end (needs the edit token); answers the item as stored."""
+    sessions, bearer, key = _sessions(request), _bearer(authorization), _api_key(settings)
+    store.authorize(store.get_audit(sessions, slug), bearer, api_key=key)  # before any engine work
+    row = store.add_item(sessions, slug, _new_item(dash, item), bearer=bearer, api_key=key)
+    items = _view(request, dash, slug)["items"]
+    return next(it for it in items if it["id"] == row.id)
+
+
+@router.delete("/api/v1/audits/{slug}/items/{item_id}", status_code=204)
+def delete_item(slug: str, item_id: int, request: Request, settings: SettingsDep,
+                authorization: Authorization = None) -> Response:
+    """Remove one item (needs the edit token)."""
+    store.delete_item(_sessions(request), slug, item_id, bearer=_bearer(authorization),
+                      api_key=_api_key(settings))
+    return Response(status_code=204)
+
+
+# ---------------------------------------------------------------------------------------------
+# permalinks and exports (registered before /audits/{slug} so the suffixes are not taken as slugs)
+
+
+@router.get("/audits/{slug}.json", include_in_schema=False)
+def export_json(slug: str, request: Request, dash: DashDep) -> Response:
+    return Response(to_json(_view(request, dash, slug)), media_type="application/json",
+                    headers={"Content-Disposition": f'attachment; filename="audit-{slug}.json"'})
+
+
+@router.get("/audits/{slug}.csv", include_in_schema=False)
+def export_csv(slug: str, request: Request, dash: DashDep) -> Response:
+    return PlainTextResponse(to_csv(_view(request, dash, slug)), media_type="text/csv",
+                             headers={"Content-Disposition": f'attachment; filename="audit-{slug}.csv"'})
+
+
+@router.get("/audits/{slug}/relabel.csv", include_in_schema=False)
+def export_relabel(slug: str, request: Request, dash: DashDep) -> Response:
+    return PlainTextResponse(to_relabel_csv(_view(request, dash, slug)), media_type="text/csv",
+                             headers={"Content-Disposition": f'attachment; filename="relabel-{slug}.csv"'})
+
+
+@router.get("/audits/{slug}.html", include_in_schema=False)
+def export_html(slug: str, request: Request, dash: DashDep) -> Response:
+    html = render_report(request.app.state.templates, _view(request, dash, slug), standalone=True)
+    return HTMLResponse(html, headers={"Content-Disposition": f'attachment; filename="audit-{slug}.html"'})
+
+
+@router.get("/audits/{slug}", include_in_schema=False)
+def permalink(slug: str, request: Request, dash: DashDep) -> Response:
+    """The read-only view of an audit (a page)."""
+    return HTMLResponse(render_report(request.app.state.templates, _view(request, dash, slug),
+                                      standalone=False))
+
