@@ -18,7 +18,6 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
