@@ -40,6 +40,11 @@ class Settings(BaseSettings):
             return self.database_url
         return f"sqlite:///{(self.run.resolve().parent / 'audits.sqlite3').as_posix()}"
 
+    @field_validator("api_key", "database_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value  # compose files pass unset variables as ""
+
     @field_validator("api_key")
     @classmethod
     def _long_enough(cls, key: SecretStr | None) -> SecretStr | None:
