@@ -24,7 +24,7 @@ def test_compose_file_is_valid(profile: str | None) -> None:
     out = subprocess.run([*args, "config"], capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     assert "healthcheck" in out.stdout and "/api/v1/health" in out.stdout
-    assert ("postgres:15" in out.stdout) == (profile == "postgres")
+    assert "postgres:15" in out.stdout and re.search(r"profiles:\s*\n\s*- postgres", out.stdout)
 
 
 def test_dockerfile_copies_existing_paths_and_checks_health() -> None:
