@@ -17,7 +17,7 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
 from fastapi.routing import APIRoute
-from pydantic import BeforeValidator
+from pydantic import BeforeValidator, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -37,12 +37,14 @@ def _blank(value: Any) -> Any:
     return None if isinstance(value, str) and not value.strip() else value
 
 
+# constraints sit on the inner type: they apply to a given value, after a blank became None
 OptInt = Annotated[int | None, BeforeValidator(_blank), Query()]
 OptBool = Annotated[bool | None, BeforeValidator(_blank), Query()]
-Confidence = Annotated[float | None, BeforeValidator(_blank), Query(ge=0.0, le=1.0)]
-Top = Annotated[int | None, BeforeValidator(_blank), Query(ge=1, le=MAX_TOP)]
-Offset = Annotated[int | None, BeforeValidator(_blank), Query(ge=0)]
-Limit = Annotated[int | None, BeforeValidator(_blank), Query(ge=1, le=MAX_LIMIT)]
+Confidence = Annotated[Annotated[float, Field(ge=0.0, le=1.0)] | None, BeforeValidator(_blank), Query()]
+TopK = Annotated[int, Field(ge=1, le=MAX_TOP)]
+Top = Annotated[TopK | None, BeforeValidator(_blank), Query()]
+Offset = Annotated[Annotated[int, Field(ge=0)] | None, BeforeValidator(_blank), Query()]
+Limit = Annotated[Annotated[int, Field(ge=1, le=MAX_LIMIT)] | None, BeforeValidator(_blank), Query()]
 Ihvp = Annotated[str | None, BeforeValidator(_blank), Query()]
 
 
@@ -205,7 +207,7 @@ async def query_result(
     dash: DashDep,
     settings: SettingsDep,
     file: Annotated[UploadFile | None, File()] = None,
-    top: Annotated[int | None, BeforeValidator(_blank), Form(ge=1, le=MAX_TOP)] = None,
+    top: Annotated[TopK | None, BeforeValidator(_blank), Form()] = None,
     ihvp: Annotated[str | None, BeforeValidator(_blank), Form()] = None,
     label: Annotated[int | None, BeforeValidator(_blank), Form()] = None,
     invert: Annotated[bool, Form()] = False,
