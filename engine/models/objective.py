@@ -8,7 +8,11 @@ cannot be called statelessly, so they take a slower autograd path that writes θ
 
 from __future__ import annotations
 
+import functools
 import math
+import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -16,7 +20,26 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from .losses import LossFn
 
-__all__ = ["Objective"]
+__all__ = ["Objective", "serialised"]
+
+F = TypeVar("F", bound=Callable[..., torch.Tensor])
+
+# torch.func's transforms keep a process-wide interpreter stack, and functional_call swaps a
+# module's parameters in place: neither is safe when a web server's threads run queries at once
+# (seen: "ADInterpreters ... escaped" under 4 concurrent clients). Everything that runs the
+# model takes this lock; re-entrant, because the transforms call back into ``logits``.
+_MODEL_LOCK = threading.RLock()
+
+
+def serialised(fn: F) -> F:
+    """Run ``fn`` holding the process-wide model lock."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: object, **kwargs: object) -> torch.Tensor:
+        with _MODEL_LOCK:
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 class Objective:
@@ -45,7 +68,7 @@ class Objective:
 
     def load_flat(self, theta: torch.Tensor) -> None:
         """Write θ (p,) into the module's parameters."""
-        with torch.no_grad():
+        with _MODEL_LOCK, torch.no_grad():
             for p, chunk in zip(self._params, theta.split(self.numels)):
                 p.copy_(chunk.view_as(p))
 
@@ -69,16 +92,18 @@ class Objective:
                 total += out.numel()
 
         leaves = [m for m in self.model.modules() if not list(m.children())]
-        handles = [m.register_forward_hook(hook) for m in leaves]
-        try:
-            with torch.no_grad():
-                self.model(self.as_input(x[:1]))
-        finally:
-            for h in handles:
-                h.remove()
+        with _MODEL_LOCK:
+            handles = [m.register_forward_hook(hook) for m in leaves]
+            try:
+                with torch.no_grad():
+                    self.model(self.as_input(x[:1]))
+            finally:
+                for h in handles:
+                    h.remove()
         return max(total, 1)
 
     # ----------------------------------------------------------------- values
+    @serialised
     def logits(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Logits (b, C) at θ for a batch x (b, *input_shape)."""
         x = self.as_input(x)
@@ -91,6 +116,7 @@ class Objective:
         """Mean data loss over the batch (differentiable in θ on the functional path)."""
         return self.loss_fn(self.logits(theta, x), y.to(self.device))
 
+    @serialised
     def loss_grad(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """∇θ of the mean data loss over the batch, (p,)."""
         if self.functional:
@@ -100,6 +126,7 @@ class Objective:
         return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, self._params)])
 
     # ----------------------------------------------------------------- per-sample gradients
+    @serialised
     def sample_grads(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-sample data-loss gradients (b, p): row i is ∇θ L(z_i, θ)."""
         x = self.as_input(x)
@@ -113,6 +140,7 @@ class Objective:
         return torch.stack([self.loss_grad(theta, x[i : i + 1], y[i : i + 1]) for i in range(len(x))])
 
     # ----------------------------------------------------------------- curvature
+    @serialised
     def hvp(
         self, theta: torch.Tensor, vectors: torch.Tensor, x: torch.Tensor, y: torch.Tensor
     ) -> torch.Tensor:
