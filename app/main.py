@@ -66,7 +66,9 @@ def create_app(settings: Settings, *, run: engine.Run | None = None) -> FastAPI:
 def serve(run_path: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
           run: engine.Run | None = None) -> None:
     """Serve the dashboard for ``run_path`` with uvicorn (blocks until interrupted)."""
+    import torch
     import uvicorn
 
     settings = Settings(run=Path(run_path), host=host, port=port)
+    torch.set_num_threads(settings.torch_threads)
     uvicorn.run(create_app(settings, run=run), host=settings.host, port=settings.port)

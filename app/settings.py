@@ -18,7 +18,8 @@ class Settings(BaseSettings):
 
     ``run`` is required (there is no safe default run); every field can be set from the
     environment: ``INFLUENCE_RUN``, ``INFLUENCE_HOST``, ``INFLUENCE_PORT``,
-    ``INFLUENCE_DATABASE_URL``, ``INFLUENCE_UPLOAD_LIMIT``, ``INFLUENCE_API_KEY``.
+    ``INFLUENCE_DATABASE_URL``, ``INFLUENCE_UPLOAD_LIMIT``, ``INFLUENCE_TORCH_THREADS``,
+    ``INFLUENCE_API_KEY``.
     """
 
     model_config = SettingsConfigDict(env_prefix="INFLUENCE_", frozen=True)
@@ -31,6 +32,9 @@ class Settings(BaseSettings):
                                   "audits.sqlite3 beside the run folder)")
     upload_limit: int = Field(default=DEFAULT_UPLOAD_LIMIT, ge=1024,
                               description="largest accepted upload, in bytes")
+    torch_threads: int = Field(
+        default=1, ge=1, le=512, description="PyTorch CPU threads per query when serving: queries "
+        "already run on many request threads, so one each avoids oversubscribing the cores")
     api_key: SecretStr | None = Field(
         default=None, description="a key that may edit every audit and list them (Bearer token)")
 
