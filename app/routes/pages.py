@@ -66,7 +66,10 @@ def render(request: Request, name: str, context: Mapping[str, Any], *,
 
 def error_page(request: Request, status_code: int, detail: str) -> Response:
     """The HTML error page, with the given 4xx status."""
-    title = HTTPStatus(status_code).phrase if status_code in HTTPStatus._value2member_map_ else "Error"
+    try:
+        title = HTTPStatus(status_code).phrase
+    except ValueError:
+        title = "Error"
     return render(request, "error.html", {"status": status_code, "title": title, "detail": detail},
                   status_code=status_code)
 

@@ -118,7 +118,9 @@ class Tab:
             self.problems.append(f"HTTP {response.status}: {response.url}")
 
     def goto(self, path: str) -> Any:
-        return self.page.goto(self.base + path, wait_until="load")
+        # wait until the network is idle (favicon included), so that a test that navigates away
+        # at once does not abort a request still in flight
+        return self.page.goto(self.base + path, wait_until="networkidle")
 
     def wait_for_plots(self, *names: str) -> None:
         for name in names:
