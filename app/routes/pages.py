@@ -27,7 +27,7 @@ from .. import viz
 from ..deps import DashDep, SettingsDep
 from ..errors import error_detail, error_status
 from ..images import UploadError
-from ..services import DEFAULT_LIMIT, DEFAULT_TOP, MAX_LIMIT, MAX_TOP
+from ..services import DEFAULT_LIMIT, DEFAULT_TOP, MAX_LIMIT, MAX_TOP, Dashboard
 
 __all__ = ["PageRoute", "router"]
 
@@ -190,7 +190,7 @@ def mislabels(request: Request, dash: DashDep, offset: Offset = None, limit: Lim
 
 
 # ---------------------------------------------------------------------------------- upload
-def _query_context(dash: Any, *, top: int, ihvp: str | None, label: int | None,
+def _query_context(dash: Dashboard, *, top: int, ihvp: str | None, label: int | None,
                    invert: bool) -> dict[str, Any]:
     return {"result": None, "error": None, "top": top, "ihvp": ihvp, "label": label,
             "invert": invert, "methods": dash.methods, "class_names": dash.class_names,
