@@ -77,6 +77,21 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--top", type=int, default=10)
     e.add_argument("--json", action="store_true")
 
+    tr = sub.add_parser("trust", help="check predicted against actual leave-one-out retraining "
+                        "per IHVP method and damping; saved as trust.json in the run")
+    tr.add_argument("--run", required=True, type=Path)
+    tr.add_argument("--test-index", type=int, nargs="+", default=None,
+                    help="test points (default: --tests drawn with --seed)")
+    tr.add_argument("--tests", type=int, default=4, help="test points to draw (4)")
+    tr.add_argument("--top", type=int, default=5, help="removals per test point (5)")
+    tr.add_argument("--methods", nargs="+", choices=METHODS, default=None,
+                    help="IHVP methods (default: every one the run supports)")
+    tr.add_argument("--dampings", type=float, nargs="+", default=None,
+                    help="dampings δ to compare (default: the run's)")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--json", action="store_true", help="print the report as JSON")
+    tr.add_argument("--quiet", action="store_true", help="no progress bars")
+
     sv = sub.add_parser("serve", help="serve the dashboard for a run")
     sv.add_argument("--run", required=True, type=Path)
     sv.add_argument("--host", default="127.0.0.1")
@@ -116,6 +131,19 @@ def _print_explain(result: dict[str, Any]) -> None:
         print(f"  {kind}:")
         for row in result[kind]:
             print(f"    train {row['train_id']:>7}  label {row['label']:>3}  score {row['score']:+.6g}")
+
+
+def _print_trust(report: dict[str, Any]) -> None:
+    print(f"trust check of {report['model']}: {len(report['pairs'])} removals on test points "
+          f"{report['test_ids']}; ground truth: {report['ground_truth']}")
+    print(f"  mean |actual loss change| {report['mean_abs_actual']:.3g}, "
+          f"noise floor (retrained, nothing removed) {report['noise_floor']:.3g}")
+    for row in report["results"]:
+        if "error" in row:
+            print(f"  {row['method']:>9}  δ={row['damping']:<8g} error: {row['error']}")
+        else:
+            print(f"  {row['method']:>9}  δ={row['damping']:<8g} Pearson {row['pearson']:+.4f}  "
+                  f"Spearman {row['spearman']:+.4f}  ({row['seconds']:.2f} s)")
 
 
 def _summary(run: Any) -> dict[str, Any]:
@@ -168,6 +196,17 @@ def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "serve":
         # opened here, once: a bad run is refused with a one-line error before the server starts
         _serve(args.run, args.host, args.port, engine.open_run(args.run))
+        return
+    if args.command == "trust":
+        from engine.trust import trust_check
+
+        report = trust_check(engine.open_run(args.run), test_index=args.test_index, n_tests=args.tests,
+                             top=args.top, methods=args.methods, dampings=args.dampings,
+                             seed=args.seed, progress=not args.quiet)
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:
+            _print_trust(report)
         return
     if getattr(args, "out", None) is not None:
         _check_out(args.out)

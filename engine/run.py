@@ -117,7 +117,7 @@ class Run:
         self.y_test = torch.from_numpy(np.array(self.dataset.y_test)).to(self.device)
         cpath = path / CURVATURE_FILE
         self._curvature = load_tensors(cpath) if cpath.exists() else {}
-        self._solvers: dict[IHVPMethod, Solver] = {}
+        self._solvers: dict[tuple[IHVPMethod, float | None], Solver] = {}
         # queries run on a web server's threads: solvers and caches are built once, under a lock
         self._lock = threading.RLock()
         self._cache: dict[tuple[str, str], np.ndarray] = {}
@@ -144,17 +144,21 @@ class Run:
         return torch.softmax(logits, dim=1).cpu().numpy()
 
     # ------------------------------------------------------------------ solvers
-    def solver(self, method: str | IHVPMethod | None = None) -> Solver:
-        """The (cached) solver for ``method`` (default: the run's own)."""
+    def solver(self, method: str | IHVPMethod | None = None, *, damping: float | None = None) -> Solver:
+        """The (cached) solver for ``method`` (default: the run's own), for ``H + damping·I``
+        (default: the run's damping δ; another value is a what-if, e.g. for the trust check)."""
         m = parse_method(method) or self.default_method
-        if m in self._solvers:
-            return self._solvers[m]
+        if damping is not None and (not np.isfinite(damping) or damping < 0):
+            raise QueryError(f"damping must be a finite number ≥ 0, got {damping!r}")
+        key = (m, None if damping is None or damping == self.config.damping else float(damping))
+        if key in self._solvers:
+            return self._solvers[key]
         with self._lock:
-            if m not in self._solvers:
-                self._solvers[m] = self._make_solver(m)
-        return self._solvers[m]
+            if key not in self._solvers:
+                self._solvers[key] = self._make_solver(m, key[1])
+        return self._solvers[key]
 
-    def _make_solver(self, m: IHVPMethod) -> Solver:
+    def _make_solver(self, m: IHVPMethod, damping: float | None) -> Solver:
         projected = self.projector is not None
         if projected != (m is IHVPMethod.PROJECTED):
             raise QueryError(
@@ -162,15 +166,19 @@ class Run:
                 + ("projected gradients (use 'projected')" if projected
                    else "full gradients (build with --project K to use 'projected')")
             )
-        shift = self.config.weight_decay + self.config.damping
+        if damping is not None and projected:
+            raise QueryError("a damping other than the run's needs full gradients; this run is projected")
+        shift = self.config.weight_decay + (self.config.damping if damping is None else damping)
         solver: Solver
         if m is IHVPMethod.PROJECTED:
             solver = ProjectedSolver(self._curvature["projected"].to(self.device, self.dtype))
         elif m is IHVPMethod.EXACT:
-            h = self._curvature.get("hessian")
+            h = self._curvature.get("hessian")  # built with the run's own λ + δ
             if h is None:
                 hvp = full_hvp(self.objective, self.theta, self.x_train, self.y_train, shift=shift)
                 h = dense_hessian(hvp, self.objective.n_params, dtype=self.dtype, device=self.device)
+            elif damping is not None:
+                h = h + (damping - self.config.damping) * torch.eye(h.shape[0], dtype=h.dtype)
             solver = ExactSolver(h.to(self.device, self.dtype))
         elif m is IHVPMethod.CG:
             solver = BlockCG(full_hvp(self.objective, self.theta, self.x_train, self.y_train,
@@ -216,17 +224,19 @@ class Run:
             yield start, -(self.store[start : start + ROW_BLOCK] @ s)  # (b, m)
 
     # ------------------------------------------------------------------ queries
-    def scores_for_gradients(self, g: torch.Tensor, ihvp: str | IHVPMethod | None = None
-                             ) -> torch.Tensor:
+    def scores_for_gradients(self, g: torch.Tensor, ihvp: str | IHVPMethod | None = None, *,
+                             damping: float | None = None) -> torch.Tensor:
         """I_up,loss (n_train, m) for test gradients g (m, d)."""
-        s = self.solver(ihvp).solve(g.T.contiguous())  # (d, m) = H⁻¹ ∇L(z_test)
+        s = self.solver(ihvp, damping=damping).solve(g.T.contiguous())  # (d, m) = H⁻¹ ∇L(z_test)
         return torch.cat([b for _, b in self._score_blocks(s)])
 
     def scores(self, test_index: int | Sequence[int] | np.ndarray | None = None,
-               ihvp: str | IHVPMethod | None = None) -> np.ndarray:
-        """``I_up,loss`` as float64 (n_train, n_test_selected), columns in the given order."""
+               ihvp: str | IHVPMethod | None = None, *, damping: float | None = None) -> np.ndarray:
+        """``I_up,loss`` as float64 (n_train, n_test_selected), columns in the given order
+        (``damping``: score with ``H + damping·I`` instead of the run's δ)."""
         idx = _indices(test_index, self.n_test, "test")
-        return self.scores_for_gradients(self.test_gradients(idx), ihvp).cpu().double().numpy()
+        g = self.test_gradients(idx)
+        return self.scores_for_gradients(g, ihvp, damping=damping).cpu().double().numpy()
 
     def cached(self, key: tuple[str, str], compute: Callable[[], np.ndarray]) -> np.ndarray:
         """``compute()`` once per ``key`` (the result made read-only), even when threads ask at once."""
