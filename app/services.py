@@ -15,11 +15,13 @@ import numpy as np
 
 from engine import IHVPMethod, IndexOutOfRange, QueryError, Run
 from engine.group import group_influence
+from engine.trust import load_trust
 
 from .images import decode_upload, png_bytes
 
 __all__ = ["DEFAULT_LIMIT", "DEFAULT_TOP", "MAX_LIMIT", "MAX_TOP", "Dashboard", "check_index"]
 
+RANKINGS = ("self_influence", "loss", "grad_norm")
 DEFAULT_TOP = 10
 MAX_TOP = 500
 DEFAULT_LIMIT = 50
@@ -165,6 +167,8 @@ class Dashboard:
         return {"train_id": i, "label": int(self.run.dataset.y_train[i]),
                 "predicted": int(proba.argmax()), "probabilities": proba.tolist(),
                 "self_influence": float(s[i]), "rank": rank, "n_train": self.run.n_train,
+                "train_loss": float(self.run.train_losses()[i]),
+                "grad_norm": float(self.run.gradient_norms()[i]),
                 "ihvp": ihvp or self.run.default_method.value}
 
     def train_point_influence(self, train_id: int, *, top: int = DEFAULT_TOP, ihvp: str | None = None
@@ -185,17 +189,55 @@ class Dashboard:
                 "helpful": rows(order[:k]), "harmful": rows(order[::-1][:k])}
 
     def self_influence_ranking(self, *, top: int = DEFAULT_LIMIT, offset: int = 0,
-                               ihvp: str | None = None) -> dict[str, Any]:
-        """Training points ranked by |self-influence| (likely mislabelled first), one page."""
+                               ihvp: str | None = None, by: str = "self_influence") -> dict[str, Any]:
+        """Training points ranked by |self-influence| (likely mislabelled first), one page; ``by``
+        ranks by a simple baseline instead (``loss``: training loss, ``grad_norm``: gradient
+        norm), which on convex models find mislabels about as well. Every item carries all three."""
+        if by not in RANKINGS:
+            raise QueryError(f"unknown ranking {by!r}: use one of {', '.join(RANKINGS)}")
         s, order = self._self_order(ihvp)
+        loss, norm = self.run.train_losses(), self.run.gradient_norms()
+        if by != "self_influence":
+            values = loss if by == "loss" else norm
+            order = self.run.cached((f"{by}-rank", ""), lambda: np.argsort(-values, kind="stable"))
         page = order[_page(len(order), offset, top)]
         proba = self.run.predictions("train")
         y = self.run.dataset.y_train
-        return {"ihvp": ihvp or self.run.default_method.value, "total": self.run.n_train,
+        return {"ihvp": ihvp or self.run.default_method.value, "by": by, "total": self.run.n_train,
                 "offset": offset, "limit": top,
                 "items": [{"rank": offset + r + 1, "train_id": int(i), "self_influence": float(s[i]),
+                           "train_loss": float(loss[i]), "grad_norm": float(norm[i]),
                            "label": int(y[i]), "predicted": int(proba[i].argmax()),
                            "confidence": float(proba[i].max())} for r, i in enumerate(page)]}
+
+    def train_point_params(self, train_id: int, *, ihvp: str | None = None) -> dict[str, Any]:
+        """``I_up,params`` of one training point, summarised per parameter tensor (which layers
+        up-weighting it moves most); the full vector is ``influence params`` on the CLI."""
+        i = check_index(train_id, self.run.n_train, "train")
+        vec = self.run.params(i, ihvp=ihvp)  # (p,) in named_parameters() order
+        obj = self.run.objective
+        layers, start = [], 0
+        for name, shape, numel in zip(obj.names, obj.shapes, obj.numels):
+            part = vec[start : start + numel]
+            start += numel
+            layers.append({"name": name, "shape": list(shape), "numel": numel,
+                           "norm": float(np.linalg.norm(part)), "max_abs": float(np.abs(part).max()),
+                           "rms": float(np.sqrt(np.mean(part**2)))})
+        total = float(np.linalg.norm(vec))
+        for layer in layers:
+            layer["share"] = layer["norm"] ** 2 / total**2 if total > 0 else 0.0  # of ‖I‖²
+        return {"train_id": i, "ihvp": ihvp or self.run.default_method.value, "norm": total,
+                "layers": layers}
+
+    def trust(self) -> dict[str, Any]:
+        """The run's saved trust check (``influence trust``), or ``checked: false``."""
+        report = load_trust(self.run)
+        if report is None:
+            return {"checked": False,
+                    "how": f"influence trust --run {self.run.path} (retrains; minutes for networks)"}
+        best = max((r for r in report["results"] if "pearson" in r), key=lambda r: r["pearson"],
+                   default=None)
+        return {"checked": True, "best": best, **report}
 
     # ------------------------------------------------------------------ groups and uploads
     def group(self, train_ids: Sequence[int], test_ids: Sequence[int], *, order: int = 1,

@@ -262,6 +262,21 @@ class Run:
 
         return self.cached(("proba", split), compute)
 
+    def train_losses(self) -> np.ndarray:
+        """Data loss L(z_i, θ̂) of every training point, float64 (n_train,), cached: the simplest
+        mislabel baseline to show beside self-influence."""
+
+        def compute() -> np.ndarray:
+            return torch.cat([self.objective.sample_losses(self.theta, self.x_train[s : s + 4096],
+                                                           self.y_train[s : s + 4096])
+                              for s in range(0, self.n_train, 4096)]).cpu().double().numpy()
+
+        return self.cached(("train-loss", ""), compute)
+
+    def gradient_norms(self) -> np.ndarray:
+        """‖∇L(z_i, θ̂)‖ of every training point (in the store's space), float64 (n_train,), cached."""
+        return self.cached(("grad-norm", ""), lambda: self.store.norm(dim=1).cpu().double().numpy())
+
     def self_influence(self, ihvp: str | IHVPMethod | None = None, *, block: int = 4096
                        ) -> np.ndarray:
         """``I_up,loss(z_i, z_i) = −g_iᵀ H⁻¹ g_i`` for every training point, float64 (n_train,);

@@ -22,3 +22,9 @@ def health(dash: DashDep) -> dict[str, Any]:
 def summary(dash: DashDep, ihvp: IhvpParam = None) -> dict[str, Any]:
     """The run at a glance: data, model, accuracy, confusion matrix, IHVP method and diagnostics."""
     return dash.summary(ihvp)
+
+
+@router.get("/trust")
+def trust(dash: DashDep) -> dict[str, Any]:
+    """The run's trust check: predicted vs actual retraining per IHVP method and damping."""
+    return dash.trust()

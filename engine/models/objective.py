@@ -117,6 +117,14 @@ class Objective:
         return self.loss_fn(self.logits(theta, x), y.to(self.device))
 
     @serialised
+    def sample_losses(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-sample data losses (b,): entry i is L(z_i, θ)."""
+        with torch.no_grad():
+            logits = self.logits(theta, x)
+            y = y.to(self.device)
+            return vmap(lambda li, yi: self.loss_fn(li.unsqueeze(0), yi.unsqueeze(0)))(logits, y)
+
+    @serialised
     def loss_grad(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """∇θ of the mean data loss over the batch, (p,)."""
         if self.functional:

@@ -100,3 +100,45 @@ def test_train_routes_bad_input(client: TestClient, url: str, status: int) -> No
     r = client.get(url)
     assert r.status_code == status, url
     assert r.json()["detail"]
+
+
+@pytest.mark.parametrize("by", ["loss", "grad_norm"])
+def test_mislabel_baselines_rank_and_ride_along(client: TestClient, run: engine.Run, by: str) -> None:
+    proba = run.predict_proba(run.dataset.x_train)
+    loss = -np.log(proba[np.arange(N_TRAIN), run.dataset.y_train])  # cross-entropy, independently
+    norm = np.linalg.norm(run.store.cpu().double().numpy(), axis=1)
+    body = client.get("/api/v1/self-influence", params={"top": 15, "by": by}).json()
+    assert body["by"] == by
+    values = loss if by == "loss" else norm
+    assert [r["train_id"] for r in body["items"]] == np.argsort(-values, kind="stable")[:15].tolist()
+    for r in body["items"]:
+        assert r["train_loss"] == pytest.approx(loss[r["train_id"]], rel=1e-9)
+        assert r["grad_norm"] == pytest.approx(norm[r["train_id"]], rel=1e-9)
+    point = client.get("/api/v1/train-points/3").json()
+    assert point["train_loss"] == pytest.approx(loss[3], rel=1e-9)
+
+
+def test_params_per_layer(client: TestClient, run: engine.Run) -> None:
+    body = client.get("/api/v1/train-points/6/params").json()
+    vec = run.params(6)  # (p,) I_up,params
+    assert [layer["name"] for layer in body["layers"]] == run.objective.names
+    parts = np.split(vec, np.cumsum(run.objective.numels)[:-1])
+    for layer, part in zip(body["layers"], parts):
+        assert layer["numel"] == part.size
+        assert layer["norm"] == pytest.approx(np.linalg.norm(part), rel=1e-10)
+        assert layer["max_abs"] == pytest.approx(np.abs(part).max(), rel=1e-10)
+    assert body["norm"] == pytest.approx(np.linalg.norm(vec), rel=1e-10)
+    assert sum(layer["share"] for layer in body["layers"]) == pytest.approx(1.0)
+    assert client.get(f"/api/v1/train-points/{N_TRAIN}/params").status_code == 404
+
+
+def test_trust_route_before_and_after_a_check(client: TestClient, run: engine.Run) -> None:
+    from engine.trust import TRUST_FILE, trust_check
+
+    (run.path / TRUST_FILE).unlink(missing_ok=True)
+    before = client.get("/api/v1/trust").json()
+    assert before["checked"] is False and "influence trust" in before["how"]
+    report = trust_check(run, test_index=[0, 1], top=3, methods=["exact"])
+    after = client.get("/api/v1/trust").json()
+    assert after["checked"] is True and after["pairs"] == report["pairs"]
+    assert after["best"]["method"] == "exact" and after["best"]["pearson"] > 0.95
