@@ -49,8 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--dtype", default="auto", choices=("auto", "float64", "float32"))
     b.add_argument("--weights", default=None, help="state_dict for a module:factory model")
-    b.add_argument("--svm-temperature", type=float, default=0.1,
-                   help="temperature t of the smooth hinge for svm (0.1)")
+    b.add_argument("--svm-temperature", type=float, default=0.01,
+                   help="temperature t of the smooth hinge svm influence goes through (0.01)")
     b.add_argument("--epochs", type=int, default=None, help="training epochs for mlp/cnn")
     b.add_argument("--force", action="store_true", help="replace an existing --out")
     b.add_argument("--json", action="store_true", help="print the run summary as JSON")

@@ -27,6 +27,8 @@ from .grads.per_sample import per_sample_grads
 from .grads.projection import Projector
 from .ihvp import dense_hessian, full_hvp, largest_eigenvalue, projected_curvature
 from .models import build_dtype, make_module, make_objective, model_fingerprint, model_kind, resolve_device
+from .models.svm import hinge_kkt_residual, hinge_objective, train_hinge_svm
+from .models.svm import to_flat as svm_to_flat
 from .models.train import objective_value_and_grad, train_convex, train_network
 from .run import CURVATURE_FILE, RUN_FILE, RUN_SCHEMA, SCRIPT_FILE, THETA_FILE, Run, parse_method
 from .store.files import save_json, save_tensors
@@ -132,6 +134,15 @@ def _build_into(folder: Path, config: BuildConfig, *, progress: bool) -> dict[st
         theta = obj.flat_params()
         _, g = objective_value_and_grad(obj, theta, x, y, weight_decay=lam)
         train_info: dict[str, Any] = {"trained": False, "grad_norm": float(g.norm())}
+    elif kind is ModelKind.SVM:  # the true hinge (liblinear); influence uses the smooth hinge
+        xs, ys = np.asarray(ds.x_train), np.asarray(ds.y_train)
+        rows = train_hinge_svm(xs, ys, n_classes=ds.n_classes, weight_decay=lam, seed=config.seed)
+        theta = torch.from_numpy(svm_to_flat(rows)).to(dev, dtype)
+        _, g = objective_value_and_grad(obj, theta, x, y, weight_decay=lam)
+        kkt = hinge_kkt_residual(rows, xs, ys, weight_decay=lam)
+        train_info = {"trained": True, "loss": "hinge", "solver": "liblinear dual coordinate descent",
+                      "grad_norm": kkt, "kkt_residual": kkt, "smooth_grad_norm": float(g.norm()),
+                      "objective": hinge_objective(rows, xs, ys, weight_decay=lam)}
     elif kind in CONVEX_MODELS:
         msgs: list[str] = []
         res = train_convex(obj, x, y, weight_decay=lam, log=msgs.append)

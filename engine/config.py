@@ -93,7 +93,7 @@ class BuildConfig:
     seed: int = 0
     dtype: str = "auto"  # float64 on the CPU, float32 on a GPU
     weights: str | None = None  # state_dict for a ``module:factory`` user model
-    svm_temperature: float = 0.1
+    svm_temperature: float = 0.01
     chunk_size: int = 512
     train: TrainConfig = field(default_factory=TrainConfig)
     cg: CGConfig = field(default_factory=CGConfig)

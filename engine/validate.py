@@ -20,6 +20,8 @@ from tqdm.auto import tqdm
 
 from .config import CONVEX_MODELS, ModelKind
 from .models.objective import Objective
+from .models.svm import to_flat as svm_to_flat
+from .models.svm import train_hinge_svm
 from .models.train import GRAD_TOL, NEWTON_MAX_PARAMS, _lbfgs, objective_value_and_grad, train_convex
 from .run import Run
 
@@ -69,6 +71,8 @@ def _newton(run: Run) -> Any:
 
 
 def _ground_truth(run: Run, what: str) -> str:
+    if ModelKind(run.info["model"]["kind"]) is ModelKind.SVM:
+        return f"{what} retraining of the hinge SVM to its optimum (liblinear)"
     return (f"{what} retraining to the exact optimum (warm-started, Newton)" if _is_convex(run)
             else f"warm-started {what} retraining (full-batch L-BFGS)")
 
@@ -80,7 +84,12 @@ def _retrain_without(run: Run, keep: torch.Tensor, *, newton: Any, lbfgs_steps: 
     x, y = run.x_train[keep.to(run.x_train.device)], run.y_train[keep.to(run.y_train.device)]
     obj.load_flat(theta)
     lam = run.config.weight_decay
-    if _is_convex(run):
+    if ModelKind(run.info["model"]["kind"]) is ModelKind.SVM:  # the hinge SVM, as build trains it
+        xs, ys = x.cpu().double().numpy(), y.cpu().numpy()
+        rows = train_hinge_svm(xs, ys, n_classes=run.dataset.n_classes, weight_decay=lam,
+                               seed=run.config.seed)
+        new = torch.from_numpy(svm_to_flat(rows)).to(theta.device, theta.dtype)
+    elif _is_convex(run):
         new = _retrain_convex(obj, theta, x, y, lam=lam, newton=newton)
     else:
         new, _ = _lbfgs(obj, theta, x, y, weight_decay=lam, steps=lbfgs_steps)

@@ -24,11 +24,33 @@ def test_logreg_predicted_removal_tracks_leave_one_out(digits_run: engine.Run) -
     assert digits_run.scores([j])[i, 0] < 0
 
 
-def test_svm_smooth_hinge_influence_tracks_retraining(tmp_path: Path) -> None:
-    run = engine.build("digits", "svm", tmp_path / "svm", svm_temperature=0.1, progress=False)
-    assert run.info["training"]["grad_norm"] < 1e-8
-    result = leave_one_out(run, test_index=[0, 1, 2, 3], top=6)
-    assert result["pearson"] >= 0.95
+def test_svm_smooth_hinge_influence_tracks_hinge_retraining(tmp_path: Path) -> None:
+    """Koh & Liang §4.1: the SVM is trained on the true hinge (liblinear, to a KKT residual
+    ~1e-16); influence goes through the smooth hinge at t = 0.01; the ground truth retrains the
+    hinge SVM without each point. Measured on digits: Pearson 0.952 on these 48 pairs (and on
+    80 others); t = 0.001 gives 0.909, t = 0.1 gives 0.862."""
+    run = engine.build("digits", "svm", tmp_path / "svm", progress=False)
+    training = run.info["training"]
+    assert training["loss"] == "hinge" and training["grad_norm"] < 1e-8
+    assert run.config.svm_temperature == 0.01
+    result = leave_one_out(run, test_index=[0, 1, 2, 3, 4, 5], top=8)
+    assert "hinge SVM" in result["ground_truth"]
+    assert result["pearson"] >= 0.94 and result["spearman"] >= 0.95
+
+
+def test_hinge_svm_is_the_optimum_of_the_contract_objective() -> None:
+    """liblinear's θ̂ against an independent check: no small random step lowers R(θ)."""
+    from engine.models.svm import hinge_kkt_residual, hinge_objective, train_hinge_svm
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(80, 5))
+    y = (x[:, 0] + 0.5 * rng.normal(size=80) > 0).astype(np.int64) + (x[:, 1] > 1)
+    theta = train_hinge_svm(x, y, n_classes=3, weight_decay=0.05)
+    best = hinge_objective(theta, x, y, weight_decay=0.05)
+    for _ in range(200):
+        step = 1e-4 * rng.normal(size=theta.shape)
+        assert hinge_objective(theta + step, x, y, weight_decay=0.05) >= best - 1e-12
+    assert hinge_kkt_residual(theta, x, y, weight_decay=0.05) < 1e-8
 
 
 def test_mlp_warm_started_leave_one_out(blobs_npz: Path, tmp_path: Path) -> None:
