@@ -262,6 +262,67 @@ def test_mislabels_pagination(client: TestClient) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# audits from the pages: "Add to audit", "Copy link", the header widget (driven by static/audit.js)
+
+
+@pytest.mark.parametrize(("url", "template"), PAGES)
+def test_every_page_has_the_audit_widget(client: TestClient, url: str, template: str) -> None:
+    html = page(client, url, template).text
+    assert 'src="/static/audit.js"' in html and client.get("/static/audit.js").status_code == 200
+    assert re.search(r'<div class="bar audit-bar" id="audit-widget" hidden>', html)
+    assert 'id="audit-toast"' in html
+
+
+@pytest.mark.parametrize(("url", "top", "ihvp"), [
+    ("/test-points/4", DEFAULT_TOP, ""), ("/test-points/4?top=3&ihvp=cg", 3, "cg"),
+    ("/test-points/4?top=250", 100, ""),  # an audit keeps at most 100 per list
+])
+def test_test_point_page_has_add_to_audit_and_copy_link(client: TestClient, url: str, top: int,
+                                                        ihvp: str) -> None:
+    html = page(client, url, "test_point.html").text
+    form = re.search(r'<form class="audit-add" data-audit-add="test_point"[^>]*>', html)
+    assert form is not None
+    assert f'data-test-id="4" data-top="{top}" data-ihvp="{ihvp}"' in form.group(0)
+    assert '<textarea name="note"' in html and 'name="audit_title"' in html
+    assert 'data-copy="page"' in html and ">Copy link</button>" in html
+
+
+def test_train_point_page_has_a_mislabel_form_defaulting_to_the_prediction(client: TestClient) -> None:
+    r = page(client, "/train-points/17", "train_point.html")
+    point, html = r.context["point"], r.text
+    assert 'data-audit-add="mislabel" data-train-id="17"' in html
+    options = re.findall(r'<option value="(\d+)"( selected)?>', html.split('name="suggested_label"')[1])
+    assert [int(v) for v, _ in options] == list(range(N_CLASSES))
+    assert [int(v) for v, sel in options if sel] == [point["predicted"]]
+    assert 'name="verdict" value="mislabelled" checked' in html and 'name="verdict" value="fine"' in html
+    assert '<textarea name="note"' in html and 'data-copy="page"' in html
+
+
+def test_mislabel_tiles_mark_with_the_predicted_label(client: TestClient) -> None:
+    r = page(client, "/mislabels?limit=30", "mislabels.html")
+    marks = re.findall(r'data-audit-mark data-train-id="(\d+)" data-suggested="(\d*)"', r.text)
+    items = r.context["ranking"]["items"]
+    assert [int(i) for i, _ in marks] == [t["train_id"] for t in items]
+    # the suggestion is the prediction where it differs from the given label, else none
+    assert [s for _, s in marks] == [str(t["predicted"]) if t["predicted"] != t["label"] else ""
+                                     for t in items]
+
+
+def test_audit_permalink_has_hidden_edit_controls_and_the_export_none(client: TestClient) -> None:
+    created = client.post("/api/v1/audits", json={"title": "pages", "items": [
+        {"kind": "mislabel", "train_id": 2}]})
+    assert created.status_code == 201
+    slug = created.json()["slug"]
+    html = client.get(f"/audits/{slug}").text
+    assert f'id="audit-edit" data-slug="{slug}" hidden>' in html  # shown only to the token holder
+    assert 'src="/static/audit.js"' in html and 'data-copy="page"' in html
+    export = client.get(f"/audits/{slug}.html").text
+    export = re.sub(r"<(style|script)>.*?</\1>", "", export, flags=re.DOTALL)  # inlined code aside
+    assert "audit-edit" not in export and "audit.js" not in export and "data-copy" not in export
+    assert "Training point 2" in export
+
+
+# ---------------------------------------------------------------------------------------------
 # upload
 
 
