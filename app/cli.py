@@ -77,6 +77,17 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--top", type=int, default=10)
     e.add_argument("--json", action="store_true")
 
+    gr = query("group", "predicted change of test losses when a group of training points is removed")
+    gr.add_argument("--train-index", type=int, nargs="+", default=None, help="the group's ids")
+    gr.add_argument("--class", dest="label", type=int, default=None,
+                    help="the group: training points of this class (with --fraction)")
+    gr.add_argument("--fraction", type=float, default=1.0, help="first fraction of the class (1.0)")
+    gr.add_argument("--test-index", type=int, nargs="+", default=None, help="test points (all)")
+    gr.add_argument("--order", type=int, choices=(1, 2), default=1,
+                    help="1: sum of influences; 2: Basu, You & Feizi (2020)")
+    gr.add_argument("--check", action="store_true", help="also retrain without the group")
+    gr.add_argument("--json", action="store_true")
+
     tr = sub.add_parser("trust", help="check predicted against actual leave-one-out retraining "
                         "per IHVP method and damping; saved as trust.json in the run")
     tr.add_argument("--run", required=True, type=Path)
@@ -131,6 +142,37 @@ def _print_explain(result: dict[str, Any]) -> None:
         print(f"  {kind}:")
         for row in result[kind]:
             print(f"    train {row['train_id']:>7}  label {row['label']:>3}  score {row['score']:+.6g}")
+
+
+def _group(run: Any, args: argparse.Namespace) -> None:
+    from engine.group import group_influence
+    from engine.validate import group_removal
+
+    if (args.train_index is None) == (args.label is None):
+        raise UsageError("name the group with --train-index IDS or --class C (one of them)")
+    if args.train_index is not None:
+        ids = args.train_index
+    else:
+        if not 0 <= args.label < run.dataset.n_classes or not 0 < args.fraction <= 1:
+            raise UsageError(f"--class must be 0..{run.dataset.n_classes - 1} and --fraction in (0, 1]")
+        members = np.flatnonzero(run.dataset.y_train == args.label)
+        ids = members[: max(1, round(args.fraction * len(members)))].tolist()
+    tests = args.test_index if args.test_index is not None else list(range(run.n_test))
+    out = group_influence(run, ids, tests, order=args.order, ihvp=args.ihvp)
+    if args.check:
+        actual = group_removal(run, ids, tests)["actual"]
+        for row, a in zip(out["results"], actual):
+            row["actual_loss_change"] = float(a)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return
+    changes = np.array([r["predicted_loss_change"] for r in out["results"]])
+    print(f"group of {out['group_size']} training points, order {out['order']}, ihvp {out['ihvp']}: "
+          f"mean predicted test-loss change {changes.mean():+.4g} over {len(changes)} test points")
+    if args.check:
+        actual = np.array([r["actual_loss_change"] for r in out["results"]])
+        print(f"  retrained: mean actual change {actual.mean():+.4g}, "
+              f"mean |error| {np.abs(changes - actual).mean():.3g}")
 
 
 def _print_trust(report: dict[str, Any]) -> None:
@@ -219,6 +261,8 @@ def _dispatch(args: argparse.Namespace) -> None:
         _save_npy(args.out, run.self_influence(ihvp=args.ihvp))
     elif args.command == "params":
         _save_npy(args.out, run.params(args.train_index, ihvp=args.ihvp))
+    elif args.command == "group":
+        _group(run, args)
     elif args.command == "explain":
         result = run.explain(args.test_index, top=args.top, ihvp=args.ihvp)
         if args.json:

@@ -15,7 +15,9 @@ import numpy as np
 
 from engine import IHVPMethod, IndexOutOfRange, QueryError, Run
 from engine.group import group_influence
+from engine.models.train import NEWTON_MAX_PARAMS
 from engine.trust import load_trust
+from engine.validate import group_removal
 
 from .images import decode_upload, png_bytes
 
@@ -243,6 +245,59 @@ class Dashboard:
     def group(self, train_ids: Sequence[int], test_ids: Sequence[int], *, order: int = 1,
               ihvp: str | None = None) -> dict[str, Any]:
         return group_influence(self.run, train_ids, test_ids, order=order, ihvp=ihvp)
+
+    def group_members(self, *, by: str, label: int | None = None, fraction: float = 1.0,
+                      top: int | None = None, clusters: int = 8, cluster: int | None = None,
+                      seed: int = 0) -> dict[str, Any]:
+        """Training ids of a group: ``class`` (the first ``fraction`` of class ``label``, in id
+        order), ``mislabels`` (the ``top`` by |self-influence|), or ``cluster`` (k-means with
+        ``clusters`` centres on the inputs, seeded; members of centre ``cluster``)."""
+        run = self.run
+        if not 0.0 < fraction <= 1.0:
+            raise QueryError(f"fraction must be in (0, 1], got {fraction}")
+        if by == "class":
+            if label is None or not 0 <= label < run.dataset.n_classes:
+                raise QueryError(f"label must be a class 0..{run.dataset.n_classes - 1}, got {label}")
+            ids = np.flatnonzero(run.dataset.y_train == label)
+        elif by == "mislabels":
+            ids = self._self_order(None)[1][: top or DEFAULT_TOP]
+        elif by == "cluster":
+            if not 2 <= clusters <= 100 or cluster is None or not 0 <= cluster < clusters:
+                raise QueryError("cluster needs clusters in 2..100 and cluster in 0..clusters-1")
+            assign = run.cached((f"kmeans-{clusters}-{seed}", ""), lambda: self._kmeans(clusters, seed))
+            ids = np.flatnonzero(assign == cluster)
+        else:
+            raise QueryError(f"unknown group selection {by!r}: use class, mislabels or cluster")
+        ids = ids[: max(1, round(fraction * len(ids)))] if len(ids) else ids
+        return {"by": by, "train_ids": [int(i) for i in ids], "size": len(ids)}
+
+    def _kmeans(self, k: int, seed: int) -> np.ndarray:
+        from sklearn.cluster import KMeans
+
+        x = self.run.dataset.x_train.reshape(self.run.n_train, -1)
+        return KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(x)
+
+    def group_check(self, train_ids: Sequence[int], test_ids: Sequence[int], *,
+                    ihvp: str | None = None) -> dict[str, Any]:
+        """First- and second-order predictions against actually retraining without the group
+        (for models small enough to retrain here: convex ones, or up to NEWTON_MAX_PARAMS)."""
+        run = self.run
+        if not run.info["training"].get("convex") and run.objective.n_params > NEWTON_MAX_PARAMS:
+            raise QueryError(f"retraining a {run.info['model']['kind']} with {run.objective.n_params} "
+                             "parameters is too slow to check here; use engine.validate.group_removal")
+        first = self.group(train_ids, test_ids, order=1, ihvp=ihvp)
+        second = self.group(train_ids, test_ids, order=2, ihvp=ihvp)
+        truth = group_removal(run, [int(i) for i in set(train_ids)], list(test_ids))
+        actual = np.asarray(truth["actual"])
+        p1 = np.array([r["predicted_loss_change"] for r in first["results"]])
+        p2 = np.array([r["predicted_loss_change"] for r in second["results"]])
+        return {"group_size": first["group_size"], "ihvp": first["ihvp"],
+                "ground_truth": truth["ground_truth"], "seconds": truth["seconds"],
+                "results": [{"test_id": int(t), "first_order": float(a), "second_order": float(b),
+                             "actual": float(c)} for t, a, b, c in zip(test_ids, p1, p2, actual)],
+                "mean_abs_error": {"first_order": float(np.abs(p1 - actual).mean()),
+                                   "second_order": float(np.abs(p2 - actual).mean())},
+                "mean_abs_actual": float(np.abs(actual).mean())}
 
     def query(self, data: bytes, *, max_bytes: int, top: int = DEFAULT_TOP, ihvp: str | None = None,
               label: int | None = None, invert: bool = False) -> dict[str, Any]:

@@ -52,3 +52,31 @@ async def query(
 def group_influence(body: GroupRequest, dash: DashDep) -> dict[str, Any]:
     """Predicted change of each test loss when the whole group is removed (first or second order)."""
     return dash.group(body.train_ids, body.test_ids, order=body.order, ihvp=body.ihvp)
+
+
+class GroupCheckRequest(BaseModel):
+    train_ids: list[int] = Field(min_length=1, max_length=1_000_000, description="the group")
+    test_ids: list[int] = Field(min_length=1, max_length=10_000, description="test points")
+    ihvp: str | None = Field(default=None, description="IHVP method (default: the run's own)")
+
+
+@router.post("/group-influence/check")
+def group_check(body: GroupCheckRequest, dash: DashDep) -> dict[str, Any]:
+    """First and second order against actually retraining without the group (small models only;
+    seconds for a convex model on digits)."""
+    return dash.group_check(body.train_ids, body.test_ids, ihvp=body.ihvp)
+
+
+@router.get("/groups")
+def group_members(
+    dash: DashDep,
+    by: Annotated[Literal["class", "mislabels", "cluster"], Query(description="how to choose")],
+    label: Annotated[int | None, Query(description="class (by=class)")] = None,
+    fraction: Annotated[float, Query(gt=0.0, le=1.0, description="first fraction of the members")] = 1.0,
+    top: Annotated[int | None, Query(ge=1, le=100_000, description="how many (by=mislabels)")] = None,
+    clusters: Annotated[int, Query(ge=2, le=100, description="k-means centres (by=cluster)")] = 8,
+    cluster: Annotated[int | None, Query(ge=0, description="which centre (by=cluster)")] = None,
+) -> dict[str, Any]:
+    """Training ids of a group chosen by class, by the mislabel ranking, or by a k-means cluster."""
+    return dash.group_members(by=by, label=label, fraction=fraction, top=top, clusters=clusters,
+                              cluster=cluster)

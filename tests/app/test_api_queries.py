@@ -167,3 +167,35 @@ def test_group_malformed_json_is_422(client: TestClient) -> None:
     r = client.post("/api/v1/group-influence", content=b"{not json",
                     headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["detail"]
+
+
+def test_group_selection(client: TestClient, run: engine.Run) -> None:
+    ones = np.flatnonzero(run.dataset.y_train == 1)
+    body = client.get("/api/v1/groups", params={"by": "class", "label": 1, "fraction": 0.5}).json()
+    assert body["train_ids"] == ones[: round(0.5 * len(ones))].tolist() and body["size"] == len(body["train_ids"])
+    top = client.get("/api/v1/groups", params={"by": "mislabels", "top": 4}).json()["train_ids"]
+    ranking = client.get("/api/v1/self-influence", params={"top": 4}).json()["items"]
+    assert top == [r["train_id"] for r in ranking]
+    sizes = [client.get("/api/v1/groups", params={"by": "cluster", "clusters": 3, "cluster": c}).json()["size"]
+             for c in range(3)]
+    assert sum(sizes) == N_TRAIN and min(sizes) > 0
+    for params in ({"by": "class"}, {"by": "class", "label": 9}, {"by": "cluster", "clusters": 3},
+                   {"by": "cluster", "clusters": 3, "cluster": 3}, {"by": "colour"},
+                   {"by": "class", "label": 0, "fraction": 0}):
+        r = client.get("/api/v1/groups", params=params)
+        assert r.status_code == 422, params
+        assert r.json()["detail"]
+
+
+def test_group_check_against_retraining(client: TestClient, run: engine.Run) -> None:
+    """A whole class removed: second order is closer to retraining than the first-order sum."""
+    group = np.flatnonzero(run.dataset.y_train == 2)[:10].tolist()
+    r = client.post("/api/v1/group-influence/check", json={"train_ids": group, "test_ids": list(range(N_TEST))})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["group_size"] == 10 and "exact optimum" in body["ground_truth"]
+    err = body["mean_abs_error"]
+    assert err["second_order"] < err["first_order"]
+    first = client.post("/api/v1/group-influence", json={"train_ids": group, "test_ids": [0, 1]}).json()
+    assert [row["first_order"] for row in body["results"][:2]] == pytest.approx(
+        [row["predicted_loss_change"] for row in first["results"]])

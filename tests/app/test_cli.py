@@ -362,3 +362,23 @@ def test_console_script_end_to_end(run, outdir):
     assert len(bad.stderr.splitlines()) == 1
     assert bad.stderr.startswith(PREFIX) and "-7" in bad.stderr
     assert not (outdir / "bad.npy").exists()
+
+
+def test_group_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`influence group`: order 1 is the sum of `scores` rows; a class group with --check retrains."""
+    run_dir = tmp_path / "run"
+    assert main(["build", "--data", str(write_npz(tmp_path / "d.npz")), "--model", "logreg",
+                 "--out", str(run_dir), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["group", "--run", str(run_dir), "--train-index", "1", "4", "9",
+                 "--test-index", "0", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert main(["scores", "--run", str(run_dir), "--out", str(tmp_path / "s.npy"),
+                 "--test-index", "0", "2"]) == 0
+    want = np.load(tmp_path / "s.npy")[[1, 4, 9]].sum(axis=0)
+    np.testing.assert_allclose([r["influence"] for r in out["results"]], want, rtol=1e-9)
+    assert main(["group", "--run", str(run_dir), "--class", "0", "--fraction", "0.5", "--order", "2",
+                 "--check"]) == 0
+    assert "retrained" in capsys.readouterr().out
+    assert main(["group", "--run", str(run_dir)]) == 2
+    assert main(["group", "--run", str(run_dir), "--class", "7"]) == 2
