@@ -147,6 +147,33 @@ class Objective:
             return vmap(grad(one), in_dims=(None, 0, 0))(theta, x, y)
         return torch.stack([self.loss_grad(theta, x[i : i + 1], y[i : i + 1]) for i in range(len(x))])
 
+    @serialised
+    def input_grad_dot(self, theta: torch.Tensor, s: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+                       ) -> torch.Tensor:
+        """∇x [∇θL(z, θ)ᵀ s] for each sample, (b, *input_shape): how each input's pixels move the
+        projection of its parameter gradient on s (Koh & Liang's ∇x∇θL, applied to s)."""
+        x = self.as_input(x)
+        y = y.to(self.device)
+        if not self.functional:
+            out = []
+            for i in range(len(x)):
+                xi = x[i : i + 1].clone().requires_grad_(True)
+                self.load_flat(theta)
+                loss = self.loss_fn(self.model(xi), y[i : i + 1])
+                gs = torch.autograd.grad(loss, self._params, create_graph=True)
+                dot = sum((g.reshape(-1) * part).sum() for g, part in zip(gs, s.split(self.numels)))
+                out.append(torch.autograd.grad(dot, xi)[0][0])
+            return torch.stack(out)
+
+        def one(xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+            def dot(x_: torch.Tensor) -> torch.Tensor:
+                g = grad(lambda th: self.mean_loss(th, x_.unsqueeze(0), yi.unsqueeze(0)))(theta)
+                return g @ s
+
+            return grad(dot)(xi)
+
+        return vmap(one)(x, y)
+
     # ----------------------------------------------------------------- curvature
     @serialised
     def hvp(
