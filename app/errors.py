@@ -10,6 +10,7 @@ from engine import IndexOutOfRange, InfluenceError, QueryError
 from .audits.db import DatabaseError
 from .audits.store import AuditNotFound, Forbidden
 from .images import UploadError
+from .jobs import JobNotFound, QueueFull
 
 __all__ = ["error_detail", "error_status", "install_error_handlers"]
 
@@ -20,8 +21,10 @@ def error_status(exc: Exception) -> int:
     right token, 503 when the audit database is unavailable, 400 for anything else."""
     if isinstance(exc, UploadError):
         return exc.status
-    if isinstance(exc, AuditNotFound):
+    if isinstance(exc, (AuditNotFound, JobNotFound)):
         return 404
+    if isinstance(exc, QueueFull):
+        return 429
     if isinstance(exc, Forbidden):
         return 403
     if isinstance(exc, DatabaseError):
@@ -44,5 +47,5 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(InfluenceError, _domain_error)
-    for exc in (UploadError, AuditNotFound, Forbidden, DatabaseError):
+    for exc in (UploadError, AuditNotFound, Forbidden, DatabaseError, JobNotFound, QueueFull):
         app.add_exception_handler(exc, _domain_error)

@@ -16,7 +16,8 @@ import engine
 
 from .audits.db import make_engine, migrate, session_factory
 from .errors import install_error_handlers
-from .routes import assets, audits, images, meta, pages, queries, test_points, train_points
+from .jobs import JobManager
+from .routes import assets, audits, images, jobs, meta, pages, queries, test_points, train_points
 from .services import Dashboard
 from .settings import Settings
 
@@ -39,7 +40,9 @@ def create_app(settings: Settings, *, run: engine.Run | None = None) -> FastAPI:
         db = make_engine(settings.resolved_database_url)
         migrate(db)
         app.state.audit_sessions = session_factory(db)
+        app.state.jobs = JobManager()
         yield
+        app.state.jobs.shutdown()
         db.dispose()
 
     app = FastAPI(title="influence-dashboard", version="0.1.0", lifespan=lifespan, docs_url=None,
@@ -49,7 +52,7 @@ def create_app(settings: Settings, *, run: engine.Run | None = None) -> FastAPI:
     app.state.templates = Jinja2Templates(directory=TEMPLATES_DIR)
     install_error_handlers(app)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    for module in (meta, test_points, train_points, images, queries, audits, assets, pages):
+    for module in (meta, test_points, train_points, images, queries, jobs, audits, assets, pages):
         app.include_router(module.router)
 
     @app.get("/docs", include_in_schema=False)
