@@ -88,6 +88,17 @@ def _parser() -> argparse.ArgumentParser:
     gr.add_argument("--check", action="store_true", help="also retrain without the group")
     gr.add_argument("--json", action="store_true")
 
+    at = sub.add_parser("attack", help="perturb a few training images within ±epsilon so that a "
+                        "test prediction flips after retraining (Koh & Liang §5.2)")
+    at.add_argument("--run", required=True, type=Path)
+    at.add_argument("--test-index", type=int, required=True)
+    at.add_argument("--points", type=int, default=30, help="training images to perturb (30)")
+    at.add_argument("--epsilon", type=float, default=0.5, help="bound on |δ| per input value (0.5)")
+    at.add_argument("--iterations", type=int, default=10, help="retrainings at most (10)")
+    at.add_argument("--out", type=Path, default=None,
+                    help="write train_ids, original and perturbed inputs to this .npz")
+    at.add_argument("--json", action="store_true")
+
     tr = sub.add_parser("trust", help="check predicted against actual leave-one-out retraining "
                         "per IHVP method and damping; saved as trust.json in the run")
     tr.add_argument("--run", required=True, type=Path)
@@ -175,6 +186,29 @@ def _group(run: Any, args: argparse.Namespace) -> None:
               f"mean |error| {np.abs(changes - actual).mean():.3g}")
 
 
+def _attack(run: Any, args: argparse.Namespace) -> None:
+    from engine.attack import attack
+
+    if args.out is not None and (args.out.suffix != ".npz" or not args.out.parent.is_dir()):
+        raise UsageError(f"--out {args.out} must be a .npz file in an existing folder")
+    out = attack(run, args.test_index, n_points=args.points, epsilon=args.epsilon,
+                 iterations=args.iterations)
+    if args.out is not None:
+        tmp = args.out.with_name(f".{args.out.name}.tmp.npz")
+        np.savez(tmp, train_ids=np.array(out["train_ids"]), original=out["original"],
+                 perturbed=out["perturbed"])
+        os.replace(tmp, args.out)
+    summary = {k: v for k, v in out.items() if k not in ("original", "perturbed")}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return
+    verdict = "flipped" if out["flipped"] else "not flipped"
+    print(f"test point {out['test_id']} (label {out['label']}): {verdict} after {out['iterations']} "
+          f"retraining(s); predicted {out['predicted_before']} -> {out['predicted_after']}, "
+          f"p(label) {out['proba_before'][out['label']]:.3f} -> {out['proba_after'][out['label']]:.3f}; "
+          f"{len(out['train_ids'])} training images changed by at most {out['max_abs_delta']:.3g}")
+
+
 def _print_trust(report: dict[str, Any]) -> None:
     print(f"trust check of {report['model']}: {len(report['pairs'])} removals on test points "
           f"{report['test_ids']}; ground truth: {report['ground_truth']}")
@@ -238,6 +272,9 @@ def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "serve":
         # opened here, once: a bad run is refused with a one-line error before the server starts
         _serve(args.run, args.host, args.port, engine.open_run(args.run))
+        return
+    if args.command == "attack":
+        _attack(engine.open_run(args.run), args)
         return
     if args.command == "trust":
         from engine.trust import trust_check
