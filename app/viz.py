@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["HARMFUL", "HELPFUL", "class_sum_bars", "confusion_heatmap", "probability_bars",
+__all__ = ["HARMFUL", "HELPFUL", "ORDER_COLORS", "class_sum_bars", "confusion_heatmap",
+           "group_change_bars", "group_check_scatter", "layer_share_bars", "probability_bars",
            "score_histogram"]
 
 Figure = dict[str, Any]
@@ -25,6 +26,7 @@ NEUTRAL = "#b8c0cc"
 FG = "#1d2330"
 MUTED = "#5b6475"
 GRID = "#e6e9ee"
+ORDER_COLORS = {1: ACCENT, 2: "#c26a00"}  # group influence, first and second order
 MAX_BINS = 60
 
 
@@ -141,3 +143,69 @@ def class_sum_bars(by_class: Sequence[float], class_names: Sequence[str]) -> Fig
     return {"data": [bars], "layout": _layout(
         height=240, xaxis=_axis("training class", type="category"),
         yaxis=_axis("summed I_up,loss", zeroline=True))}
+
+
+def layer_share_bars(layers: Sequence[dict[str, Any]]) -> Figure:
+    """Which parameter tensors up-weighting a training point moves most: one bar per layer (in
+    the model's order), ``y`` exactly each layer's ``share`` of ‖I_up,params‖², its norm, size
+    and largest entry on hover."""
+    names = [str(layer["name"]) for layer in layers]
+    bars = {"type": "bar", "x": names, "y": [float(layer["share"]) for layer in layers],
+            "customdata": [[float(layer["norm"]), int(layer["numel"]), float(layer["max_abs"])]
+                           for layer in layers],
+            "marker": {"color": ACCENT},
+            "hovertemplate": "%{x}<br>%{y:.1%} of ‖I_up,params‖²<br>norm %{customdata[0]:.4g} · "
+                             "%{customdata[1]} parameters · max |entry| %{customdata[2]:.3g}"
+                             "<extra></extra>"}
+    return {"data": [bars], "layout": _layout(
+        height=240, xaxis=_axis("parameter tensor", type="category", automargin=True),
+        yaxis=_axis("share of ‖I_up,params‖²", range=[0, 1], tickformat=".0%"))}
+
+
+def group_change_bars(results: Sequence[dict[str, Any]], *, order: int,
+                      test_url: str = "/test-points/{id}") -> Figure:
+    """Predicted change of each test loss when the group is removed, sorted from the largest
+    fall to the largest rise (``y`` is ``predicted_loss_change`` in that order). A rise means
+    the group helped that test point (green, as a helpful score), a fall that it harmed it (red);
+    a bar links to its test point (``test_url`` formatted with ``id``)."""
+    rows = sorted(results, key=lambda r: (float(r["predicted_loss_change"]), int(r["test_id"])))
+    y = [float(r["predicted_loss_change"]) for r in rows]
+    ids = [int(r["test_id"]) for r in rows]
+    bars = {"type": "bar", "name": f"order {order}", "x": list(range(1, len(rows) + 1)), "y": y,
+            "text": [f"#{i}" for i in ids], "textposition": "none",
+            "customdata": [test_url.format(id=i) for i in ids],
+            "marker": {"color": [HELPFUL if v > 0 else HARMFUL for v in y], "line": {"width": 0}},
+            "hovertemplate": "test point %{text}<br>predicted loss change %{y:+.4g}<br>"
+                             "<i>click to open it</i><extra></extra>"}
+    return {"data": [bars], "layout": _layout(
+        height=260, bargap=0.1 if len(rows) <= 60 else 0,
+        xaxis=_axis(f"test points, sorted ({len(rows)})", showticklabels=len(rows) <= 60),
+        yaxis=_axis(f"Δ test loss, order {order}", zeroline=True))}
+
+
+def group_check_scatter(results: Sequence[dict[str, Any]], *,
+                        test_url: str = "/test-points/{id}") -> Figure:
+    """Predicted (first and second order) against actual test-loss change when the group is
+    removed and the model retrained: one trace per order (``x`` the actual changes, ``y`` the
+    predictions, in the results' order) and the diagonal where a prediction is exact."""
+    actual = [float(r["actual"]) for r in results]
+    ids = [int(r["test_id"]) for r in results]
+    data: list[dict[str, Any]] = []
+    for order, key in ((1, "first_order"), (2, "second_order")):
+        data.append({
+            "type": "scatter", "mode": "markers", "name": f"order {order}", "x": actual,
+            "y": [float(r[key]) for r in results], "text": [f"#{i}" for i in ids],
+            "customdata": [test_url.format(id=i) for i in ids],
+            "marker": {"color": ORDER_COLORS[order], "size": 6, "opacity": 0.75,
+                       "symbol": "circle" if order == 1 else "diamond"},
+            "hovertemplate": f"test point %{{text}}<br>actual %{{x:+.4g}}<br>order {order} "
+                             "%{y:+.4g}<extra></extra>"})
+    values = actual + data[0]["y"] + data[1]["y"]
+    lo, hi = (min(values), max(values)) if values else (0.0, 0.0)
+    data.append({"type": "scatter", "mode": "lines", "name": "predicted = actual", "x": [lo, hi],
+                 "y": [lo, hi], "line": {"color": MUTED, "dash": "dot", "width": 1},
+                 "hoverinfo": "skip"})
+    return {"data": data, "layout": _layout(
+        height=320, showlegend=True, legend={"orientation": "h", "y": 1.1, "x": 0},
+        xaxis=_axis("actual Δ test loss (retrained without the group)", zeroline=True),
+        yaxis=_axis("predicted Δ test loss", zeroline=True))}

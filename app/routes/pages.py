@@ -3,16 +3,19 @@ local bundle).
 
 Every number comes from :class:`app.services.Dashboard`, the same calls the REST API makes, and
 every view has a URL that reproduces it (its filters, IHVP method and top-k are query
-parameters). An error on a page is an HTML error page with its 4xx status, never JSON or a 500.
+parameters; the group page's retraining check too). An error on a page is an HTML error page
+with its 4xx status, never JSON or a 500.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine, Mapping
+import re
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from http import HTTPStatus
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlencode
 
+import numpy as np
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
@@ -21,7 +24,7 @@ from pydantic import BeforeValidator, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from engine import InfluenceError
+from engine import InfluenceError, QueryError
 
 from .. import viz
 from ..deps import DashDep, SettingsDep
@@ -29,7 +32,7 @@ from ..errors import error_detail, error_status
 from ..images import UploadError
 from ..services import DEFAULT_LIMIT, DEFAULT_TOP, MAX_LIMIT, MAX_TOP, Dashboard
 
-__all__ = ["PageRoute", "router"]
+__all__ = ["PageRoute", "router", "trust_view"]
 
 
 def _blank(value: Any) -> Any:
@@ -46,6 +49,20 @@ Top = Annotated[TopK | None, BeforeValidator(_blank), Query()]
 Offset = Annotated[Annotated[int, Field(ge=0)] | None, BeforeValidator(_blank), Query()]
 Limit = Annotated[Annotated[int, Field(ge=1, le=MAX_LIMIT)] | None, BeforeValidator(_blank), Query()]
 Ihvp = Annotated[str | None, BeforeValidator(_blank), Query()]
+RankBy = Annotated[Literal["self_influence", "loss", "grad_norm"] | None, BeforeValidator(_blank), Query()]
+GroupBy = Annotated[Literal["class", "mislabels", "cluster", "ids"] | None, BeforeValidator(_blank),
+                    Query()]
+Fraction = Annotated[Annotated[float, Field(gt=0.0, le=1.0)] | None, BeforeValidator(_blank), Query()]
+GroupTop = Annotated[Annotated[int, Field(ge=1, le=100_000)] | None, BeforeValidator(_blank), Query()]
+Clusters = Annotated[Annotated[int, Field(ge=2, le=100)] | None, BeforeValidator(_blank), Query()]
+Order = Annotated[Annotated[int, Field(ge=1, le=2)] | None, BeforeValidator(_blank), Query()]
+IdList = Annotated[Annotated[str, Field(max_length=200_000)] | None, BeforeValidator(_blank), Query()]
+
+# the trust badge: Pearson of predicted vs actual retraining at or above GOOD is green, at or
+# above FAIR amber, below it red; a noise floor above NOISY × mean |actual change| is flagged
+TRUST_GOOD, TRUST_FAIR, TRUST_NOISY = 0.9, 0.7, 0.2
+GROUP_THUMBS = 48  # training images shown on the group page
+AUDIT_MAX_TRAIN, AUDIT_MAX_TESTS = 100_000, 1_000  # a group audit item's limits (app/audits/schemas.py)
 
 
 def _validation_detail(exc: RequestValidationError) -> str:
@@ -109,8 +126,44 @@ def overview(request: Request, dash: DashDep, ihvp: Ihvp = None) -> Response:
     """Overview of the run: data, model, accuracy, confusion matrix, IHVP method and diagnostics."""
     summary = dash.summary(ihvp)
     fig = viz.confusion_heatmap(summary["confusion"], summary["class_names"])
-    return render(request, "overview.html", {"summary": summary, "confusion_fig": fig,
-                                             "ihvp": ihvp, "methods": dash.methods})
+    trust = dash.trust()
+    return render(request, "overview.html", {
+        "summary": summary, "confusion_fig": fig, "ihvp": ihvp, "methods": dash.methods,
+        "trust": trust, "trust_view": trust_view(trust, method=summary["ihvp_report"]["method"],
+                                                 damping=summary["damping"])})
+
+
+# ---------------------------------------------------------------------------------- trust
+def _trust_level(pearson: float) -> str:
+    return "good" if pearson >= TRUST_GOOD else "fair" if pearson >= TRUST_FAIR else "poor"
+
+
+def trust_view(trust: Mapping[str, Any], *, method: str | None = None,
+               damping: float | None = None) -> dict[str, Any]:
+    """How a page shows the run's trust check (:meth:`Dashboard.trust`): the result row for the
+    page's IHVP method and damping (the best row when that one was not checked), its level
+    (``good``/``fair``/``poor`` by Pearson, ``unchecked``, or ``failed`` when every row is an
+    error), whether the noise floor is too close to the signal, and every row with its level."""
+    if not trust.get("checked"):
+        return {"level": "unchecked", "how": trust.get("how", "influence trust --run RUN")}
+    rows = [{**r, "level": _trust_level(r["pearson"]) if "pearson" in r else "error"}
+            for r in trust["results"]]
+    ok = [r for r in rows if "pearson" in r]
+    row = next((r for r in ok if r["method"] == method
+                and (damping is None or r["damping"] == damping)), None)
+    if row is None and trust.get("best") is not None:
+        row = next(r for r in ok if (r["method"], r["damping"]) == (trust["best"]["method"],
+                                                                    trust["best"]["damping"]))
+    noisy = trust["noise_floor"] > TRUST_NOISY * trust["mean_abs_actual"]
+    return {"level": row["level"] if row else "failed", "row": row, "rows": rows,
+            "same_method": row is not None and row["method"] == method,
+            "ground_truth": trust["ground_truth"], "noisy": noisy, "noisy_share": TRUST_NOISY,
+            "thresholds": {"good": TRUST_GOOD, "fair": TRUST_FAIR}}
+
+
+def _trust_badge(dash: Dashboard, method: str) -> dict[str, Any]:
+    """The trust badge of a detail page whose scores come from ``method`` at the run's damping."""
+    return trust_view(dash.trust(), method=method, damping=dash.run.config.damping)
 
 
 # ---------------------------------------------------------------------------------- test points
@@ -154,7 +207,8 @@ def test_point(request: Request, test_id: int, dash: DashDep, top: Top = None,
     return render(request, "test_point.html", {
         "point": point, "influence": influence, "by_class": scores["by_class"],
         "figures": figures, "top": top, "ihvp": ihvp, "method": scores["ihvp"],
-        "methods": dash.methods, "class_names": names})
+        "methods": dash.methods, "class_names": names,
+        "trust_view": _trust_badge(dash, scores["ihvp"])})
 
 
 # ---------------------------------------------------------------------------------- training points
@@ -168,24 +222,38 @@ def train_point(request: Request, train_id: int, dash: DashDep, top: Top = None,
     fig = viz.probability_bars(point["probabilities"], dash.class_names,
                                predicted=point["predicted"], label=point["label"])
     page_offset = (point["rank"] - 1) // DEFAULT_LIMIT * DEFAULT_LIMIT  # the ranking page it is on
+    try:  # per-layer I_up,params: refused on projected runs, which store no full gradients
+        params, params_error = dash.train_point_params(train_id, ihvp=ihvp), None
+    except QueryError as exc:
+        params, params_error = None, error_detail(exc)
     return render(request, "train_point.html", {
         "point": point, "influence": influence, "probabilities_fig": fig, "top": top,
         "ranking_url": url("/mislabels", offset=page_offset, ihvp=ihvp),
         "ihvp": ihvp, "method": point["ihvp"], "methods": dash.methods,
-        "class_names": dash.class_names})
+        "class_names": dash.class_names, "params": params, "params_error": params_error,
+        "params_fig": viz.layer_share_bars(params["layers"]) if params else None,
+        "trust_view": _trust_badge(dash, point["ihvp"])})
 
 
 @router.get("/mislabels", response_class=HTMLResponse)
 def mislabels(request: Request, dash: DashDep, offset: Offset = None, limit: Limit = None,
-              ihvp: Ihvp = None) -> Response:
-    """Training points ranked by |self-influence|: the likely mislabelled first."""
+              ihvp: Ihvp = None, by: RankBy = None) -> Response:
+    """Training points ranked by |self-influence| (the likely mislabelled first), or by a simple
+    baseline (``by=loss``: training loss, ``by=grad_norm``: gradient norm)."""
     offset, limit = offset or 0, limit or DEFAULT_LIMIT
-    ranking = dash.self_influence_ranking(top=limit, offset=offset, ihvp=ihvp)
-    prev_url = url("/mislabels", offset=max(0, offset - limit), limit=limit, ihvp=ihvp) if offset else None
-    next_url = (url("/mislabels", offset=offset + limit, limit=limit, ihvp=ihvp)
+    ranking = dash.self_influence_ranking(top=limit, offset=offset, ihvp=ihvp,
+                                          by=by or "self_influence")
+    prev_url = (url("/mislabels", offset=max(0, offset - limit), limit=limit, ihvp=ihvp, by=by)
+                if offset else None)
+    next_url = (url("/mislabels", offset=offset + limit, limit=limit, ihvp=ihvp, by=by)
                 if offset + limit < ranking["total"] else None)
+    # the switch between rankings starts each at its first page, keeping method and page size
+    rank_urls = {key: url("/mislabels", limit=limit if limit != DEFAULT_LIMIT else None, ihvp=ihvp,
+                          by=None if key == "self_influence" else key)
+                 for key in ("self_influence", "loss", "grad_norm")}
     return render(request, "mislabels.html", {
         "ranking": ranking, "ihvp": ihvp, "methods": dash.methods, "limit": limit,
+        "by": ranking["by"], "rank_urls": rank_urls,
         "class_names": dash.class_names, "prev_url": prev_url, "next_url": next_url})
 
 
@@ -194,7 +262,7 @@ def _query_context(dash: Dashboard, *, top: int, ihvp: str | None, label: int | 
                    invert: bool) -> dict[str, Any]:
     return {"result": None, "error": None, "top": top, "ihvp": ihvp, "label": label,
             "invert": invert, "methods": dash.methods, "class_names": dash.class_names,
-            "probabilities_fig": None}
+            "probabilities_fig": None, "trust_view": None}
 
 
 @router.get("/query", response_class=HTMLResponse)
@@ -231,4 +299,72 @@ async def query_result(
     ctx["filename"] = file.filename
     ctx["probabilities_fig"] = viz.probability_bars(result["probabilities"], dash.class_names,
                                                     predicted=result["predicted"], label=label)
+    ctx["trust_view"] = _trust_badge(dash, result["ihvp"]["method"])
     return render(request, "query.html", ctx)
+
+
+# ---------------------------------------------------------------------------------- groups
+def parse_ids(text: str, what: str) -> list[int]:
+    """Integers separated by commas or spaces (``"3, 8,21"``)."""
+    parts = [p for p in re.split(r"[\s,]+", text.strip()) if p]
+    try:
+        return [int(p) for p in parts]
+    except ValueError:
+        raise QueryError(f"{what} must be integers separated by commas, got {text!r}") from None
+
+
+def change_summary(values: Sequence[float]) -> dict[str, Any]:
+    """A few numbers about the predicted changes the service gave (for the page's facts)."""
+    v = np.asarray(values, dtype=np.float64)
+    return {"n": int(v.size), "mean": float(v.mean()), "mean_abs": float(np.abs(v).mean()),
+            "min": float(v.min()), "max": float(v.max()), "rises": int((v > 0).sum())}
+
+
+@router.get("/groups", response_class=HTMLResponse)
+def groups(request: Request, dash: DashDep, by: GroupBy = None, label: OptInt = None,
+           fraction: Fraction = None, top: GroupTop = None, clusters: Clusters = None,
+           cluster: OptInt = None, ids: IdList = None, test_ids: IdList = None, order: Order = None,
+           ihvp: Ihvp = None, check: OptBool = None) -> Response:
+    """Group influence: a group of training points (by class, the mislabel ranking, a k-means
+    cluster or explicit ids), the predicted change of chosen test losses when it is removed
+    (order 1 or 2), and with ``check=true`` both orders against actually retraining without it."""
+    order = order or 1
+    form = {"by": by, "label": label, "fraction": fraction, "top": top, "clusters": clusters,
+            "cluster": cluster, "ids": ids, "test_ids": test_ids, "order": order, "ihvp": ihvp}
+    ctx: dict[str, Any] = {
+        "form": form, "class_names": dash.class_names, "methods": dash.methods, "error": None,
+        "members": None, "result": None, "summary": None, "figures": {}, "checked": None,
+        "check_error": None, "check_url": None, "audit": None, "thumbs": GROUP_THUMBS}
+    if by is None:
+        return render(request, "groups.html", ctx)
+    try:
+        if by == "ids":
+            if not ids:
+                raise QueryError("a group by ids needs ids, e.g. 3, 8, 21")
+            chosen = list(dict.fromkeys(parse_ids(ids, "ids")))  # repeats count once
+            members = {"by": "ids", "train_ids": chosen, "size": len(chosen)}
+        else:
+            members = dash.group_members(by=by, label=label, fraction=fraction or 1.0, top=top,
+                                         clusters=clusters or 8, cluster=cluster)
+        tests = (parse_ids(test_ids, "test_ids") if test_ids
+                 else list(range(dash.health()["n_test"])))
+        result = dash.group(members["train_ids"], tests, order=order, ihvp=ihvp)
+    except InfluenceError as exc:
+        ctx["error"] = error_detail(exc)
+        return render(request, "groups.html", ctx, status_code=error_status(exc))
+    changes = [r["predicted_loss_change"] for r in result["results"]]
+    ctx.update(members=members, result=result, summary=change_summary(changes),
+               check_url=url("/groups", **form, check=True),
+               audit={"train_ids": members["train_ids"] if len(members["train_ids"]) <= AUDIT_MAX_TRAIN
+                      else None, "test_ids": tests[:AUDIT_MAX_TESTS], "n_tests": len(tests)})
+    ctx["figures"]["changes"] = viz.group_change_bars(result["results"], order=order,
+                                                      test_url=url("/test-points/{id}", ihvp=ihvp))
+    if check:
+        try:
+            ctx["checked"] = dash.group_check(members["train_ids"], tests, ihvp=ihvp)
+        except InfluenceError as exc:  # e.g. a network too large to retrain here
+            ctx["check_error"] = error_detail(exc)
+        else:
+            ctx["figures"]["check"] = viz.group_check_scatter(
+                ctx["checked"]["results"], test_url=url("/test-points/{id}", ihvp=ihvp))
+    return render(request, "groups.html", ctx)
