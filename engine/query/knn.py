@@ -1,0 +1,366 @@
+"""FastIF (Guo et al. 2021): influence scored only on the test point's nearest training points.
+
+A full-scan query scores every training point: ``−store @ s`` with ``s = H⁻¹∇L(z_test)``, one
+pass over the (n, d) gradient store. FastIF first asks a kNN index for the ``candidates``
+training points nearest to the test point in a cheap feature space (n, f) with f ≪ d, and
+scores only those, exactly. The scores it returns are the full-scan scores of those rows; what
+it trades is *recall*: a highly influential training point that is not among the neighbours is
+never seen.
+
+Feature spaces (:class:`Space`):
+
+- ``features`` (FastIF's choice): the model's own representation, the input of its last
+  ``nn.Linear`` (penultimate activations for ``mlp``/``cnn``; for ``logreg``/``svm``, whose last
+  Linear is the whole model, the flattened input). TorchScript models cannot take forward hooks,
+  and models without an ``nn.Linear`` have no such layer: both fall back to the flattened input.
+- ``gradients``: the gradient-store rows themselves (d-dimensional, so the search costs about
+  as much as a full scan; useful to compare spaces, not for speed).
+
+An optional ``pool`` (not in FastIF) adds the training points with the largest gradient norms
+to every candidate set: high-loss points that are influential without being near the test point.
+
+The index (:class:`KNNIndex`) is an exact FAISS ``IndexFlatL2`` (or ``IndexFlatIP`` on
+L2-normalised rows for ``cosine``) when ``faiss`` is importable (``pip install .[fastif]``), else
+an exact blocked brute-force search in torch. Train features and the index are built once per
+run and kept for the run's lifetime.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import IndexOutOfRange, QueryError
+from ..models.objective import _MODEL_LOCK, Objective
+from .topk import RunningTopK
+
+if TYPE_CHECKING:
+    from ..config import IHVPMethod
+    from ..run import Run
+
+__all__ = [
+    "DEFAULT_CANDIDATES",
+    "DEFAULT_METRIC",
+    "DEFAULT_SPACE",
+    "KNNIndex",
+    "Metric",
+    "Space",
+    "faiss_available",
+    "fastif_candidates",
+    "fastif_top_influences",
+    "gradient_norm_order",
+    "penultimate_features",
+    "run_index",
+    "train_features",
+]
+
+
+class Space(str, Enum):
+    """Where FastIF looks for neighbours."""
+
+    FEATURES = "features"  # input of the model's last nn.Linear
+    GRADIENTS = "gradients"  # rows of the gradient store
+
+
+class Metric(str, Enum):
+    """Distance of the kNN search."""
+
+    L2 = "l2"  # Euclidean (FastIF's choice)
+    COSINE = "cosine"  # inner product of L2-normalised rows
+
+
+DEFAULT_CANDIDATES = 100
+DEFAULT_SPACE = Space.FEATURES
+DEFAULT_METRIC = Metric.L2
+FEATURE_BATCH = 4096  # samples per forward pass when extracting features
+SEARCH_BLOCK = 65536  # index rows per block of the brute-force search
+
+
+def faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _parse(enum: type[Space | Metric], value: str | Enum) -> Any:
+    try:
+        return enum(value)
+    except ValueError:
+        raise QueryError(f"unknown {enum.__name__.lower()} {value!r}: use one of "
+                         f"{', '.join(m.value for m in enum)}") from None
+
+
+# ---------------------------------------------------------------------- features
+def _last_linear(model: nn.Module) -> nn.Linear | None:
+    if isinstance(model, torch.jit.ScriptModule):
+        return None  # no forward hooks on TorchScript modules
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
+def penultimate_features(objective: Objective, theta: torch.Tensor, x: torch.Tensor, *,
+                         batch: int = FEATURE_BATCH) -> torch.Tensor:
+    """The input of the model's last ``nn.Linear`` at θ for inputs x (b, *input_shape) → (b, f).
+
+    Taken with a forward hook under the process-wide model lock. For a model without an
+    ``nn.Linear`` (or a TorchScript one) this is the flattened input (b, prod(input_shape)).
+    """
+    last = _last_linear(objective.model)
+    if last is None:
+        return objective.as_input(x).flatten(1)
+    captured: list[torch.Tensor] = []
+
+    def hook(_m: nn.Module, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+        captured.append(inputs[0].detach().flatten(1))  # (b, f)
+
+    with _MODEL_LOCK:
+        handle = last.register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                for start in range(0, len(x), batch):
+                    objective.logits(theta, x[start : start + batch])
+        finally:
+            handle.remove()
+    return torch.cat(captured)
+
+
+def _query_features(run: Run, space: Space, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """(m, f) query rows for test inputs x and their store-space gradients g (m, d)."""
+    if space is Space.GRADIENTS:
+        return g
+    return penultimate_features(run.objective, run.theta, x)
+
+
+def train_features(run: Run, space: str | Space = DEFAULT_SPACE) -> np.ndarray:
+    """Float32 (n_train, f) index rows of ``space`` for every training point; cached on the run."""
+    sp: Space = _parse(Space, space)
+
+    def compute() -> np.ndarray:
+        if sp is Space.GRADIENTS:
+            rows = run.store
+        else:
+            rows = penultimate_features(run.objective, run.theta, run.x_train)
+        return np.ascontiguousarray(rows.detach().cpu().numpy(), dtype=np.float32)
+
+    return run.cached(("knn-features", sp.value), compute)
+
+
+# ---------------------------------------------------------------------- index
+class KNNIndex:
+    """Exact k-nearest-neighbour search over rows (n, f): FAISS flat index, or torch brute force.
+
+    ``backend="auto"`` uses FAISS when it is importable. Both compute in float32; results agree
+    up to ties at float32 resolution.
+    """
+
+    def __init__(self, rows: np.ndarray, *, metric: str | Metric = DEFAULT_METRIC,
+                 backend: str = "auto") -> None:
+        self.metric: Metric = _parse(Metric, metric)
+        if backend not in ("auto", "faiss", "torch"):
+            raise QueryError(f"unknown kNN backend {backend!r}: use auto, faiss or torch")
+        if backend == "auto":
+            backend = "faiss" if faiss_available() else "torch"
+        self.backend = backend
+        data = np.ascontiguousarray(rows, dtype=np.float32)  # (n, f)
+        if data.ndim != 2 or len(data) == 0:
+            raise QueryError(f"a kNN index needs a non-empty (n, f) array, got shape {data.shape}")
+        self.n, self.dim = data.shape
+        if self.metric is Metric.COSINE:
+            data = _normalise(data)
+        if backend == "faiss":
+            import faiss
+
+            self._faiss = (faiss.IndexFlatL2 if self.metric is Metric.L2 else faiss.IndexFlatIP)(self.dim)
+            self._faiss.add(data)
+        else:
+            self._rows = torch.from_numpy(data.copy())  # (n, f), writable for torch
+            self._sq = (self._rows * self._rows).sum(1)  # (n,)
+
+    def search(self, queries: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Distances and row ids (m, min(k, n)), nearest first.
+
+        Distance is the squared Euclidean distance (``l2``) or ``1 − cosine`` (``cosine``).
+        """
+        if isinstance(queries, torch.Tensor):
+            queries = queries.detach().cpu().numpy()
+        q = np.ascontiguousarray(queries, dtype=np.float32)  # (m, f)
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise QueryError(f"queries of shape {q.shape} do not match the index dimension {self.dim}")
+        k = min(int(k), self.n)
+        if k < 1:
+            raise QueryError(f"k must be at least 1, got {k}")
+        if self.metric is Metric.COSINE:
+            q = _normalise(q)
+        if self.backend == "faiss":
+            dist, ids = self._faiss.search(q, k)
+        else:
+            dist, ids = self._brute_force(torch.from_numpy(q), k)
+        if self.metric is Metric.COSINE:
+            dist = 1.0 - dist  # FAISS and the fallback both return inner products here
+        return dist.astype(np.float32), ids.astype(np.int64)
+
+    def _brute_force(self, q: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        # streamed over row blocks, the running top-k keeps k rows per query between blocks
+        largest = self.metric is Metric.COSINE
+        best = RunningTopK(k, largest=largest)
+        q_sq = (q * q).sum(1)  # (m,)
+        for start in range(0, self.n, SEARCH_BLOCK):
+            rows = self._rows[start : start + SEARCH_BLOCK]  # (b, f)
+            ip = rows @ q.T  # (b, m)
+            if largest:
+                best.update(start, ip)
+            else:
+                best.update(start, (self._sq[start : start + SEARCH_BLOCK, None] - 2 * ip
+                                    + q_sq[None, :]).clamp_min(0))
+        vals, idx = best.result()  # (k, m)
+        return vals.T.numpy(), idx.T.numpy()
+
+
+def _normalise(a: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(a, axis=1, keepdims=True)
+    return np.ascontiguousarray(a / np.maximum(norm, np.finfo(np.float32).tiny), dtype=np.float32)
+
+
+# one index per (run, space, metric, backend), dropped with the run
+_INDEXES: weakref.WeakKeyDictionary[Run, dict[tuple[str, str, str], KNNIndex]] = (
+    weakref.WeakKeyDictionary())
+_INDEX_LOCK = threading.Lock()
+
+
+def run_index(run: Run, *, space: str | Space = DEFAULT_SPACE, metric: str | Metric = DEFAULT_METRIC,
+              backend: str = "auto") -> KNNIndex:
+    """The kNN index over ``run``'s training points in ``space``, built once per run."""
+    sp: Space = _parse(Space, space)
+    mt: Metric = _parse(Metric, metric)
+    key = (sp.value, mt.value, backend)
+    with _INDEX_LOCK:
+        per_run = _INDEXES.setdefault(run, {})
+        index = per_run.get(key)
+        if index is None:
+            index = per_run[key] = KNNIndex(train_features(run, sp), metric=mt, backend=backend)
+    return index
+
+
+# ---------------------------------------------------------------------- queries
+def _test_indices(test_index: int | Sequence[int] | np.ndarray, n: int) -> np.ndarray:
+    arr = np.atleast_1d(np.asarray(test_index))
+    if arr.dtype.kind not in "iu" or arr.ndim != 1 or arr.size == 0:
+        raise QueryError(f"test index must be one or more integers, got {test_index!r}")
+    bad = arr[(arr < 0) | (arr >= n)]
+    if bad.size:
+        raise IndexOutOfRange(f"test index {int(bad[0])} is out of range 0..{n - 1}")
+    return arr.astype(np.int64)
+
+
+def gradient_norm_order(run: Run) -> np.ndarray:
+    """Training ids by decreasing store-row norm ‖∇L(z_i)‖ (int64 (n_train,)); cached on the run."""
+
+    def compute() -> np.ndarray:
+        norms = torch.linalg.vector_norm(run.store, dim=1).cpu().double().numpy()  # (n,)
+        return np.argsort(-norms, kind="stable").astype(np.int64)
+
+    return run.cached(("knn-grad-norm-order", "store"), compute)
+
+
+def fastif_candidates(run: Run, test_index: int | Sequence[int] | np.ndarray, *,
+                      candidates: int = DEFAULT_CANDIDATES, pool: int = 0,
+                      ihvp: str | IHVPMethod | None = None, space: str | Space = DEFAULT_SPACE,
+                      metric: str | Metric = DEFAULT_METRIC, backend: str = "auto"
+                      ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per test point: candidate training ids (c,) and their exact ``I_up,loss`` scores (c,).
+
+    Candidates are the ``min(candidates, n_train)`` nearest training points (nearest first),
+    then the ``pool`` training points with the largest gradient norms that are not already
+    among them (see :func:`fastif_top_influences`). One solve ``S = H⁻¹ [∇L(z_test_1) …]``
+    (d, m), then ``scores_j = −store[ids_j] @ S[:, j]``: the same numbers as column j of
+    :meth:`Run.scores` on those rows. Ids int64, scores float64.
+    """
+    if candidates < 1:
+        raise QueryError(f"candidates must be at least 1, got {candidates}")
+    if pool < 0:
+        raise QueryError(f"pool must be >= 0, got {pool}")
+    sp: Space = _parse(Space, space)
+    idx = _test_indices(test_index, run.n_test)
+    index = run_index(run, space=sp, metric=metric, backend=backend)  # built before the query
+    outliers = gradient_norm_order(run)[:pool] if pool else None
+    g = run.test_gradients(idx)  # (m, d)
+    s = run.solver(ihvp).solve(g.T.contiguous())  # (d, m) = H⁻¹ ∇L(z_test)
+    query = _query_features(run, sp, run.x_test[torch.as_tensor(idx, device=run.device)], g)  # (m, f)
+    _, near = index.search(query, min(candidates, run.n_train))  # (m, c)
+    out = []
+    for j in range(len(idx)):
+        ids = near[j]
+        if outliers is not None:
+            ids = np.concatenate([ids, outliers[~np.isin(outliers, ids)]])
+        rows = run.store[torch.as_tensor(ids, device=run.device)]  # (c, d)
+        out.append((ids, (-(rows @ s[:, j])).cpu().double().numpy()))  # (c,)
+    return out
+
+
+def fastif_top_influences(run: Run, test_index: int | Sequence[int] | np.ndarray, *, top: int = 10,
+                          candidates: int = DEFAULT_CANDIDATES, pool: int = 0,
+                          ihvp: str | IHVPMethod | None = None, space: str | Space = DEFAULT_SPACE,
+                          metric: str | Metric = DEFAULT_METRIC, backend: str = "auto"
+                          ) -> list[dict[str, Any]]:
+    """FastIF: the most helpful and harmful training points among each test point's kNN candidates.
+
+    FastIF (Guo, Rajani, Hase, Bansal & Xiong, "FastIF: Scalable Influence Functions for
+    Efficient Model Interpretation and Debugging", EMNLP 2021) restricts the influence search to
+    the ``candidates`` training points nearest to the test point in the model's feature space
+    (see the module docstring for the spaces), then scores those exactly with the contract's
+    ``I_up,loss = −∇L(z_test)ᵀ H⁻¹ ∇L(z_i)`` (negative helpful, positive harmful). Scores of
+    returned points equal the full scan's; the lists may miss influential points outside the
+    candidate set (a recall trade-off). With ``candidates >= n_train`` the lists equal
+    :meth:`Run.explain`'s up to exact ties.
+
+    ``pool`` (not part of FastIF; 0 turns it off) adds the ``pool`` training points with the
+    largest gradient norms ‖∇L(z_i)‖ to every candidate set. Influence scales with that norm,
+    so high-loss points can be among the most influential for a test point without being near
+    it; they are what feature-space kNN misses most, above all in the harmful list.
+
+    Defaults: ``top=10``, ``candidates=100``, ``pool=0``, ``space="features"``, ``metric="l2"``,
+    the run's own IHVP method, FAISS when installed. The first query on a run also extracts the
+    train features and builds the index (cached for the run's lifetime).
+
+    Returns one dict per test point, in the given order:
+    ``{"test_id", "helpful": [...], "harmful": [...], "candidates": c, "seconds": t}``; list
+    entries are ``{"train_id", "score", "label"}`` as in :meth:`Run.explain`, helpful most
+    negative first, harmful most positive first; ``c`` is the number of points scored.
+    ``seconds`` is the call's wall time divided by the number of test points (for one point,
+    its latency).
+    """
+    if top < 1:
+        raise QueryError(f"top must be at least 1, got {top}")
+    if candidates < top:
+        raise QueryError(f"candidates ({candidates}) must be at least top ({top})")
+    t0 = time.perf_counter()
+    idx = _test_indices(test_index, run.n_test)
+    found = fastif_candidates(run, idx, candidates=candidates, pool=pool, ihvp=ihvp, space=space,
+                              metric=metric, backend=backend)
+    labels = run.dataset.y_train
+    out = []
+    for i, (ids, scores) in zip(idx, found):
+        k = min(top, len(ids))
+        order = np.argsort(scores, kind="stable")  # most negative first
+
+        def rows(sel: np.ndarray, ids: np.ndarray = ids, scores: np.ndarray = scores
+                 ) -> list[dict[str, Any]]:
+            return [{"train_id": int(ids[c]), "score": float(scores[c]), "label": int(labels[ids[c]])}
+                    for c in sel]
+
+        out.append({"test_id": int(i), "helpful": rows(order[:k]), "harmful": rows(order[::-1][:k]),
+                    "candidates": len(ids)})
+    seconds = (time.perf_counter() - t0) / len(idx)
+    for item in out:
+        item["seconds"] = seconds
+    return out
