@@ -8,13 +8,13 @@ Each function returns ``{"data": [...], "layout": {...}}``, embedded in a page w
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 __all__ = ["HARMFUL", "HELPFUL", "ORDER_COLORS", "class_sum_bars", "confusion_heatmap",
-           "group_change_bars", "group_check_scatter", "layer_share_bars", "probability_bars",
+           "group_changes", "group_check_scatter", "layer_share_bars", "probability_bars",
            "score_histogram"]
 
 Figure = dict[str, Any]
@@ -162,25 +162,37 @@ def layer_share_bars(layers: Sequence[dict[str, Any]]) -> Figure:
         yaxis=_axis("share of ‖I_up,params‖²", range=[0, 1], tickformat=".0%"))}
 
 
-def group_change_bars(results: Sequence[dict[str, Any]], *, order: int,
-                      test_url: str = "/test-points/{id}") -> Figure:
-    """Predicted change of each test loss when the group is removed, sorted from the largest
-    fall to the largest rise (``y`` is ``predicted_loss_change`` in that order). A rise means
-    the group helped that test point (green, as a helpful score), a fall that it harmed it (red);
-    a bar links to its test point (``test_url`` formatted with ``id``)."""
-    rows = sorted(results, key=lambda r: (float(r["predicted_loss_change"]), int(r["test_id"])))
-    y = [float(r["predicted_loss_change"]) for r in rows]
+def group_changes(by_order: Mapping[int, Sequence[dict[str, Any]]], *, sort_order: int,
+                  test_url: str = "/test-points/{id}") -> Figure:
+    """Predicted change of each test loss when the group is removed, one trace per order (1:
+    summed influences, 2: Basu et al.), over the test points sorted by ``sort_order``'s change
+    from the largest fall to the largest rise. ``x`` is the position, ``y`` exactly each order's
+    ``predicted_loss_change`` in that order; a point links to its test point (``test_url``
+    formatted with ``id``). Rises (the group helped) lie above zero."""
+    if sort_order not in by_order:
+        raise ValueError(f"sort_order {sort_order} is not among the orders {sorted(by_order)}")
+    rows = sorted(by_order[sort_order],
+                  key=lambda r: (float(r["predicted_loss_change"]), int(r["test_id"])))
     ids = [int(r["test_id"]) for r in rows]
-    bars = {"type": "bar", "name": f"order {order}", "x": list(range(1, len(rows) + 1)), "y": y,
-            "text": [f"#{i}" for i in ids], "textposition": "none",
-            "customdata": [test_url.format(id=i) for i in ids],
-            "marker": {"color": [HELPFUL if v > 0 else HARMFUL for v in y], "line": {"width": 0}},
-            "hovertemplate": "test point %{text}<br>predicted loss change %{y:+.4g}<br>"
-                             "<i>click to open it</i><extra></extra>"}
-    return {"data": [bars], "layout": _layout(
-        height=260, bargap=0.1 if len(rows) <= 60 else 0,
-        xaxis=_axis(f"test points, sorted ({len(rows)})", showticklabels=len(rows) <= 60),
-        yaxis=_axis(f"Δ test loss, order {order}", zeroline=True))}
+    x = list(range(1, len(ids) + 1))
+    data: list[dict[str, Any]] = []
+    for order in sorted(by_order):
+        change = {int(r["test_id"]): float(r["predicted_loss_change"]) for r in by_order[order]}
+        if set(change) != set(ids):
+            raise ValueError("every order must cover the same test points")
+        data.append({
+            "type": "scatter", "mode": "markers" if len(ids) > 60 else "lines+markers",
+            "name": f"order {order}", "x": x, "y": [change[i] for i in ids],
+            "text": [f"#{i}" for i in ids], "customdata": [test_url.format(id=i) for i in ids],
+            "marker": {"color": ORDER_COLORS[order], "size": 5 if order == sort_order else 4,
+                       "symbol": "circle" if order == 1 else "diamond"},
+            "line": {"color": ORDER_COLORS[order], "width": 1},
+            "hovertemplate": f"test point %{{text}}<br>order {order}: %{{y:+.4g}}<br>"
+                             "<i>click to open it</i><extra></extra>"})
+    return {"data": data, "layout": _layout(
+        height=300, showlegend=True, legend={"orientation": "h", "y": 1.12, "x": 0},
+        xaxis=_axis(f"test points, sorted by the order-{sort_order} change ({len(ids)})"),
+        yaxis=_axis("predicted Δ test loss", zeroline=True))}
 
 
 def group_check_scatter(results: Sequence[dict[str, Any]], *,

@@ -128,6 +128,9 @@
 
   function plural(n, word) { return n + " " + word + (n === 1 ? "" : "s"); }
 
+  /* shared with the other page scripts (static/attack.js), which load after this one */
+  window.influenceUI = { api: api, el: el, plural: plural };
+
   /* the toast at the bottom of the page: what an add did, or why it failed */
   function toast(parts, isError) {
     var box = document.getElementById("audit-toast");
@@ -309,10 +312,20 @@
     return value === undefined || value === null || value === "" ? null : parseInt(value, 10);
   }
 
-  /* a form with data-audit-add="test_point" or "mislabel": its data attributes and fields make the item */
+  function intList(value) {
+    return (value || "").split(",").filter(function (v) { return v !== ""; }).map(function (v) { return parseInt(v, 10); });
+  }
+
+  /* a form with data-audit-add="test_point", "group" or "mislabel": its data attributes and fields make the item */
   function itemFromForm(form) {
     var d = form.dataset;
     var note = form.elements.note ? form.elements.note.value.trim() : "";
+    if (d.auditAdd === "group") {
+      var members = intList(d.trainIds);
+      return { item: { kind: "group", train_ids: members, test_ids: intList(d.testIds), order: intOrNull(d.order),
+                       note: note },
+               what: "a group of " + plural(members.length, "training point") };
+    }
     if (d.auditAdd === "test_point") {
       return { item: { kind: "test_point", test_id: intOrNull(d.testId), top: intOrNull(d.top),
                        ihvp: d.ihvp || null, note: note },

@@ -1,4 +1,5 @@
-/* influence dashboard: draw the server-built Plotly figures and run the upload drop zone. */
+/* influence dashboard: draw the server-built Plotly figures, run the upload drop zone, and show
+   only the group form's fields for the chosen selection. */
 (function () {
   "use strict";
 
@@ -56,6 +57,41 @@
     input.addEventListener("change", submit);
   }
 
+  /* The group page's form: fields in a [data-by] wrapper belong to the selections it names; the
+     others are hidden and disabled (so the URL carries only what the view uses). A link with
+     data-busy says so while its slow page loads. */
+  function setUpGroupForm() {
+    var form = document.getElementById("group-form");
+    if (form) {
+      var by = form.elements.by;
+      var sync = function () {
+        form.querySelectorAll("[data-by]").forEach(function (wrapper) {
+          var on = wrapper.getAttribute("data-by").split(" ").indexOf(by.value) >= 0;
+          wrapper.hidden = !on;
+          wrapper.querySelectorAll("input, select").forEach(function (field) { field.disabled = !on; });
+        });
+      };
+      by.addEventListener("change", sync);
+      sync();
+      window.addEventListener("pageshow", function () {  // back from the result: fields usable again
+        form.querySelectorAll("input").forEach(function (field) { field.disabled = false; });
+        sync();
+      });
+      form.addEventListener("submit", function () {  // blank fields stay out of the URL
+        form.querySelectorAll("input").forEach(function (field) {
+          if (field.value.trim() === "") { field.disabled = true; }
+        });
+      });
+    }
+    document.querySelectorAll("a[data-busy]").forEach(function (link) {
+      link.addEventListener("click", function () {
+        link.textContent = link.getAttribute("data-busy");
+        link.classList.add("busy");
+      });
+    });
+  }
+
   drawFigures();
   setUpDropZone();
+  setUpGroupForm();
 })();

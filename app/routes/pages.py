@@ -30,7 +30,7 @@ from .. import viz
 from ..deps import DashDep, SettingsDep
 from ..errors import error_detail, error_status
 from ..images import UploadError
-from ..services import DEFAULT_LIMIT, DEFAULT_TOP, MAX_LIMIT, MAX_TOP, Dashboard
+from ..services import DEFAULT_LIMIT, DEFAULT_TOP, MAX_LIMIT, MAX_TOP, Dashboard, check_index
 
 __all__ = ["PageRoute", "router", "trust_view"]
 
@@ -62,6 +62,7 @@ IdList = Annotated[Annotated[str, Field(max_length=200_000)] | None, BeforeValid
 # above FAIR amber, below it red; a noise floor above NOISY × mean |actual change| is flagged
 TRUST_GOOD, TRUST_FAIR, TRUST_NOISY = 0.9, 0.7, 0.2
 GROUP_THUMBS = 48  # training images shown on the group page
+DEFAULT_CLUSTERS = 8  # k-means centres when a cluster group names none
 AUDIT_MAX_TRAIN, AUDIT_MAX_TESTS = 100_000, 1_000  # a group audit item's limits (app/audits/schemas.py)
 
 
@@ -243,9 +244,10 @@ def mislabels(request: Request, dash: DashDep, offset: Offset = None, limit: Lim
     offset, limit = offset or 0, limit or DEFAULT_LIMIT
     ranking = dash.self_influence_ranking(top=limit, offset=offset, ihvp=ihvp,
                                           by=by or "self_influence")
-    prev_url = (url("/mislabels", offset=max(0, offset - limit), limit=limit, ihvp=ihvp, by=by)
+    keep = None if by == "self_influence" else by  # the default ranking stays out of the URL
+    prev_url = (url("/mislabels", offset=max(0, offset - limit), limit=limit, ihvp=ihvp, by=keep)
                 if offset else None)
-    next_url = (url("/mislabels", offset=offset + limit, limit=limit, ihvp=ihvp, by=by)
+    next_url = (url("/mislabels", offset=offset + limit, limit=limit, ihvp=ihvp, by=keep)
                 if offset + limit < ranking["total"] else None)
     # the switch between rankings starts each at its first page, keeping method and page size
     rank_urls = {key: url("/mislabels", limit=limit if limit != DEFAULT_LIMIT else None, ihvp=ihvp,
@@ -313,11 +315,29 @@ def parse_ids(text: str, what: str) -> list[int]:
         raise QueryError(f"{what} must be integers separated by commas, got {text!r}") from None
 
 
-def change_summary(values: Sequence[float]) -> dict[str, Any]:
-    """A few numbers about the predicted changes the service gave (for the page's facts)."""
-    v = np.asarray(values, dtype=np.float64)
+def change_summary(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The service's predicted test-loss changes of one order, read off for the page's table:
+    their mean and mean magnitude, and the largest fall and rise with their test points."""
+    v = np.array([r["predicted_loss_change"] for r in results], dtype=np.float64)
+    lo, hi = int(v.argmin()), int(v.argmax())
     return {"n": int(v.size), "mean": float(v.mean()), "mean_abs": float(np.abs(v).mean()),
-            "min": float(v.min()), "max": float(v.max()), "rises": int((v > 0).sum())}
+            "min": float(v[lo]), "min_test_id": int(results[lo]["test_id"]),
+            "max": float(v[hi]), "max_test_id": int(results[hi]["test_id"]),
+            "rises": int((v > 0).sum())}
+
+
+def _group_members(dash: Dashboard, by: str, *, label: int | None, fraction: float | None,
+                   top: int | None, clusters: int | None, cluster: int | None,
+                   ids: str | None) -> dict[str, Any]:
+    if by != "ids":
+        return dash.group_members(by=by, label=label, fraction=fraction or 1.0, top=top,
+                                  clusters=clusters or DEFAULT_CLUSTERS, cluster=cluster)
+    if not ids:
+        raise QueryError("a group by ids needs ids, e.g. 3, 8, 21")
+    chosen = list(dict.fromkeys(parse_ids(ids, "ids")))  # a repeated id counts once
+    for i in chosen:
+        check_index(i, dash.run.n_train, "train")
+    return {"by": "ids", "train_ids": chosen, "size": len(chosen)}
 
 
 @router.get("/groups", response_class=HTMLResponse)
@@ -327,44 +347,50 @@ def groups(request: Request, dash: DashDep, by: GroupBy = None, label: OptInt = 
            ihvp: Ihvp = None, check: OptBool = None) -> Response:
     """Group influence: a group of training points (by class, the mislabel ranking, a k-means
     cluster or explicit ids), the predicted change of chosen test losses when it is removed
-    (order 1 or 2), and with ``check=true`` both orders against actually retraining without it."""
+    (orders 1 and 2; ``order`` sorts the plot and goes into an audit item), and with ``check=1``
+    both orders against actually retraining without it."""
     order = order or 1
     form = {"by": by, "label": label, "fraction": fraction, "top": top, "clusters": clusters,
             "cluster": cluster, "ids": ids, "test_ids": test_ids, "order": order, "ihvp": ihvp}
     ctx: dict[str, Any] = {
         "form": form, "class_names": dash.class_names, "methods": dash.methods, "error": None,
-        "members": None, "result": None, "summary": None, "figures": {}, "checked": None,
-        "check_error": None, "check_url": None, "audit": None, "thumbs": GROUP_THUMBS}
+        "members": None, "results": {}, "summaries": {}, "order_errors": {}, "figures": {},
+        "checked": None, "check_error": None, "check_url": None, "members_url": None, "audit": None,
+        "thumbs": GROUP_THUMBS, "default_clusters": DEFAULT_CLUSTERS}
     if by is None:
         return render(request, "groups.html", ctx)
     try:
-        if by == "ids":
-            if not ids:
-                raise QueryError("a group by ids needs ids, e.g. 3, 8, 21")
-            chosen = list(dict.fromkeys(parse_ids(ids, "ids")))  # repeats count once
-            members = {"by": "ids", "train_ids": chosen, "size": len(chosen)}
-        else:
-            members = dash.group_members(by=by, label=label, fraction=fraction or 1.0, top=top,
-                                         clusters=clusters or 8, cluster=cluster)
+        members = _group_members(dash, by, label=label, fraction=fraction, top=top,
+                                 clusters=clusters, cluster=cluster, ids=ids)
         tests = (parse_ids(test_ids, "test_ids") if test_ids
                  else list(range(dash.health()["n_test"])))
-        result = dash.group(members["train_ids"], tests, order=order, ihvp=ihvp)
+        ctx["results"][order] = dash.group(members["train_ids"], tests, order=order, ihvp=ihvp)
     except InfluenceError as exc:
         ctx["error"] = error_detail(exc)
         return render(request, "groups.html", ctx, status_code=error_status(exc))
-    changes = [r["predicted_loss_change"] for r in result["results"]]
-    ctx.update(members=members, result=result, summary=change_summary(changes),
-               check_url=url("/groups", **form, check=True),
+    other = 3 - order
+    try:  # the other order beside it (order 2 is refused on projected runs: say why)
+        ctx["results"][other] = dash.group(members["train_ids"], tests, order=other, ihvp=ihvp)
+    except QueryError as exc:
+        ctx["order_errors"][other] = error_detail(exc)
+    ctx["results"] = dict(sorted(ctx["results"].items()))
+    test_url = url("/test-points/{id}", ihvp=ihvp)  # formatted per point by the figures
+    ctx.update(members=members,
+               summaries={o: change_summary(r["results"]) for o, r in ctx["results"].items()},
+               check_url=url("/groups", **form, check=1),
+               members_url=None if by == "ids" else url(
+                   "/api/v1/groups", by=by, label=label, fraction=fraction, top=top,
+                   clusters=clusters, cluster=cluster),
                audit={"train_ids": members["train_ids"] if len(members["train_ids"]) <= AUDIT_MAX_TRAIN
                       else None, "test_ids": tests[:AUDIT_MAX_TESTS], "n_tests": len(tests)})
-    ctx["figures"]["changes"] = viz.group_change_bars(result["results"], order=order,
-                                                      test_url=url("/test-points/{id}", ihvp=ihvp))
+    ctx["figures"]["changes"] = viz.group_changes(
+        {o: r["results"] for o, r in ctx["results"].items()}, sort_order=order, test_url=test_url)
     if check:
         try:
             ctx["checked"] = dash.group_check(members["train_ids"], tests, ihvp=ihvp)
         except InfluenceError as exc:  # e.g. a network too large to retrain here
             ctx["check_error"] = error_detail(exc)
         else:
-            ctx["figures"]["check"] = viz.group_check_scatter(
-                ctx["checked"]["results"], test_url=url("/test-points/{id}", ihvp=ihvp))
+            ctx["figures"]["check"] = viz.group_check_scatter(ctx["checked"]["results"],
+                                                              test_url=test_url)
     return render(request, "groups.html", ctx)

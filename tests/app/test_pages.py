@@ -78,7 +78,7 @@ def hrefs(html: str, prefix: str) -> list[int]:
 
 PAGES = [("/", "overview.html"), ("/test-points", "test_points.html"),
          ("/test-points/0", "test_point.html"), ("/train-points/0", "train_point.html"),
-         ("/mislabels", "mislabels.html"), ("/query", "query.html")]
+         ("/mislabels", "mislabels.html"), ("/groups", "groups.html"), ("/query", "query.html")]
 
 
 @pytest.mark.parametrize(("url", "template"), PAGES)
@@ -86,14 +86,16 @@ def test_every_page_has_the_navigation_and_no_external_resource(client: TestClie
                                                                 template: str) -> None:
     html = page(client, url, template).text
     assert 'class="site-header"' in html
-    for link in ("/", "/test-points", "/mislabels", "/query"):
+    for link in ("/", "/test-points", "/mislabels", "/groups", "/query"):
         assert f'<a href="{link}"' in html
     assert not re.search(r'(src|href)="(https?:)?//', html)  # no CDN: the machine may be offline
     assert 'src="/static/dashboard.js"' in html
 
 
 @pytest.mark.parametrize(("url", "template"), [p for p in PAGES if p[1] not in
-                                               ("test_points.html", "mislabels.html", "query.html")])
+                                               ("test_points.html", "mislabels.html", "query.html",
+                                                "groups.html")]
+                         + [("/groups?by=class&label=1", "groups.html")])
 def test_pages_with_figures_load_the_local_plotly_bundle(client: TestClient, url: str,
                                                          template: str) -> None:
     html = page(client, url, template).text
@@ -423,3 +425,283 @@ def test_error_detail_names_the_bad_parameter(client: TestClient) -> None:
     assert r.status_code == 422 and "top" in r.context["detail"]
     r = client.get("/test-points/0?ihvp=bogus")
     assert r.status_code == 422 and "bogus" in r.context["detail"]
+
+
+# ---------------------------------------------------------------------------------------------
+# trust: the overview's reliability panel and the detail pages' badge (Dashboard.trust)
+
+
+@pytest.fixture
+def trusted(client: TestClient) -> Iterator[dict[str, Any]]:
+    """A saved trust check of the served run (trust.json), removed afterwards."""
+    from engine.trust import TRUST_FILE, trust_check
+
+    run = client.app.state.run  # type: ignore[attr-defined]
+    report = trust_check(run, test_index=[0, 1], top=3, methods=["exact"])
+    yield report
+    (run.path / TRUST_FILE).unlink()
+
+
+def badge(html: str) -> str:
+    found = re.search(r'<a class="trust-badge (\w+)" href="/#trust"[^>]*>(.*?)</a>', html, re.DOTALL)
+    assert found is not None, "no trust badge"
+    return f"{found.group(1)}: {found.group(2)}"
+
+
+def test_trust_panel_and_badges_when_not_checked(client: TestClient) -> None:
+    r = page(client, "/", "overview.html")
+    trust = api(client, "/api/v1/trust")
+    assert trust["checked"] is False
+    assert r.context["trust"] == trust and r.context["trust_view"]["level"] == "unchecked"
+    panel = r.text.split('id="trust"')[1]
+    assert "Not checked yet" in panel and trust["how"] in panel
+    for url, template in [("/test-points/3", "test_point.html"), ("/train-points/3", "train_point.html")]:
+        assert badge(page(client, url, template).text).startswith("unchecked: trust: not checked (run <code>influence trust")
+    upload = client.post("/query", files={"file": ("d.png", png(), "image/png")}, data={"top": "2"})
+    assert badge(upload.text).startswith("unchecked:")
+    assert 'class="trust-badge' not in page(client, "/query", "query.html").text  # no result, no badge
+
+
+def test_trust_panel_and_badges_show_the_saved_check(client: TestClient, trusted: dict[str, Any]) -> None:
+    r = page(client, "/", "overview.html")
+    trust = api(client, "/api/v1/trust")
+    assert trust["checked"] is True and r.context["trust"] == trust
+    row = trust["results"][0]
+    assert (row["method"], trust["test_ids"]) == ("exact", [0, 1])
+    assert row["pearson"] == pytest.approx(trusted["results"][0]["pearson"])
+    view = r.context["trust_view"]
+    assert view["row"] == {**row, "level": view["level"]} and view["ground_truth"] == trust["ground_truth"]
+    assert view["noisy"] == (trust["noise_floor"] > 0.2 * trust["mean_abs_actual"])
+    panel = r.text.split('id="trust"')[1]
+    assert f'{row["pearson"]:.4f}' in panel and f'{row["spearman"]:.4f}' in panel
+    assert f'{trust["noise_floor"]:.3g}' in panel and f'{trust["mean_abs_actual"]:.3g}' in panel
+    assert trust["ground_truth"] in panel and len(trust["pairs"]) == 6
+    expected = f"{view['level']}: trust: Pearson {row['pearson']:.3f} (exact) vs retraining"
+    for url, template in [("/test-points/3", "test_point.html"), ("/train-points/3", "train_point.html")]:
+        assert badge(page(client, url, template).text).startswith(expected)
+    # a method the check did not cover falls back to the best checked row, and says so by name
+    assert badge(page(client, "/test-points/3?ihvp=cg", "test_point.html").text).startswith(expected)
+
+
+def _trust(results: list[dict[str, Any]], *, floor: float = 0.0) -> dict[str, Any]:
+    ok = [r for r in results if "pearson" in r]
+    return {"checked": True, "best": max(ok, key=lambda r: r["pearson"]) if ok else None,
+            "ground_truth": "exact", "noise_floor": floor, "mean_abs_actual": 1.0, "results": results}
+
+
+@pytest.mark.parametrize(("pearson", "level"), [(0.95, "good"), (0.9, "good"), (0.85, "fair"),
+                                                (0.7, "fair"), (0.69, "poor"), (-0.2, "poor")])
+def test_trust_levels(pearson: float, level: str) -> None:
+    from app.routes.pages import trust_view
+
+    row = {"method": "exact", "damping": 0.0, "pearson": pearson, "spearman": 0.0, "seconds": 1.0}
+    assert trust_view(_trust([row]), method="exact", damping=0.0)["level"] == level
+
+
+def test_trust_view_picks_the_page_method_flags_noise_and_survives_errors() -> None:
+    from app.routes.pages import trust_view
+
+    rows = [{"method": "exact", "damping": 0.0, "pearson": 0.99, "spearman": 1.0, "seconds": 1.0},
+            {"method": "lissa", "damping": 0.0, "pearson": 0.6, "spearman": 0.5, "seconds": 9.0},
+            {"method": "cg", "damping": 0.0, "error": "singular"}]
+    assert trust_view(_trust(rows), method="lissa", damping=0.0)["level"] == "poor"
+    fallback = trust_view(_trust(rows), method="cg", damping=0.0)  # its row failed: the best one
+    assert fallback["row"]["method"] == "exact" and not fallback["same_method"]
+    assert [r["level"] for r in fallback["rows"]] == ["good", "poor", "error"]
+    assert trust_view(_trust(rows, floor=0.3), method="exact")["noisy"] is True
+    assert trust_view(_trust(rows, floor=0.1), method="exact")["noisy"] is False
+    assert trust_view(_trust([rows[2]]), method="cg")["level"] == "failed"
+    assert trust_view({"checked": False, "how": "influence trust --run r"})["level"] == "unchecked"
+
+
+# ---------------------------------------------------------------------------------------------
+# mislabel baselines and the training point's loss, gradient norm and layers
+
+
+@pytest.mark.parametrize("by", ["self_influence", "loss", "grad_norm"])
+def test_mislabels_rank_by_a_baseline_and_show_all_three_numbers(client: TestClient, by: str) -> None:
+    r = page(client, f"/mislabels?by={by}&limit=12&offset=12", "mislabels.html")
+    ranking = api(client, f"/api/v1/self-influence?by={by}&top=12&offset=12")
+    assert r.context["ranking"] == ranking and r.context["by"] == by
+    assert hrefs(r.text, "/train-points/") == [t["train_id"] for t in ranking["items"]]
+    for t in ranking["items"]:
+        assert f"loss {t['train_loss']:.3g}" in r.text and f"‖g‖ {t['grad_norm']:.3g}" in r.text
+        assert f"{t['self_influence']:+#.4g}" in r.text
+    # pagination keeps the ranking; the switch starts each ranking at its first page
+    keep = "" if by == "self_influence" else f"&by={by}"
+    assert r.context["prev_url"] == f"/mislabels?offset=0&limit=12{keep}"
+    assert r.context["next_url"] == f"/mislabels?offset=24&limit=12{keep}"
+    assert r.context["rank_urls"] == {"self_influence": "/mislabels?limit=12",
+                                      "loss": "/mislabels?limit=12&by=loss",
+                                      "grad_norm": "/mislabels?limit=12&by=grad_norm"}
+    assert re.search(r'<a href="[^"]*"\s*class="active" aria-current="true">', r.text)
+    assert "simple baselines" in r.text
+
+
+def test_train_point_shows_loss_gradient_norm_and_layers(client: TestClient) -> None:
+    r = page(client, "/train-points/6?ihvp=cg", "train_point.html")
+    point = api(client, "/api/v1/train-points/6?ihvp=cg")
+    params = api(client, "/api/v1/train-points/6/params?ihvp=cg")
+    assert r.context["point"] == point and r.context["params"] == params
+    assert f"{point['train_loss']:.4g}" in r.text and f"{point['grad_norm']:.4g}" in r.text
+    bars = r.context["params_fig"]["data"][0]
+    assert bars["x"] == [layer["name"] for layer in params["layers"]]
+    assert bars["y"] == [layer["share"] for layer in params["layers"]]
+    table = r.text.split('id="params"')[1]
+    for layer in params["layers"]:
+        assert f"<code>{layer['name']}</code>" in table and f"{layer['norm']:.4g}" in table
+    assert 'href="/api/v1/train-points/6/params?ihvp=cg"' in table
+
+
+@pytest.fixture(scope="module")
+def projected(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    """The same data with a projected run (K = 8): no parameter-space quantities."""
+    npz = write_npz(tmp_path_factory.mktemp("pdata") / "images.npz")
+    out = tmp_path_factory.mktemp("pruns") / "projected"
+    engine.build(str(npz), "logreg", out, device="cpu", progress=False, ihvp="projected", project=8)
+    with TestClient(create_app(Settings(run=out))) as c:
+        yield c
+
+
+def test_projected_run_pages_say_what_is_unavailable(projected: TestClient) -> None:
+    assert projected.get("/api/v1/train-points/2/params").status_code == 422
+    r = page(projected, "/train-points/2", "train_point.html")
+    assert r.context["params"] is None and r.context["params_error"]
+    assert "Not available for this run" in r.text.split('id="params"')[1]
+    g = page(projected, "/groups?by=class&label=0&fraction=0.5&check=1", "groups.html")
+    assert list(g.context["results"]) == [1] and 2 in g.context["order_errors"]
+    assert g.context["checked"] is None and g.context["check_error"]
+    assert "Cannot check here" in g.text and 'id="plot-changes"' in g.text
+
+
+# ---------------------------------------------------------------------------------------------
+# groups
+
+
+def post(client: TestClient, url: str, body: dict[str, Any]) -> Any:
+    r = client.post(url, json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_group_page_without_a_selection_is_the_form(client: TestClient) -> None:
+    r = page(client, "/groups", "groups.html")
+    assert r.context["members"] is None and r.context["error"] is None
+    assert '<form method="get" action="/groups"' in r.text and 'name="by"' in r.text
+    assert 'id="plot-' not in r.text
+    assert 'class="active" aria-current="page">Groups</a>' in r.text
+
+
+@pytest.mark.parametrize(("query", "members_query", "tests", "order"), [
+    ("by=class&label=1&fraction=0.5", "by=class&label=1&fraction=0.5", None, 1),
+    ("by=class&label=2&order=2&test_ids=0,3 5", "by=class&label=2", [0, 3, 5], 2),
+    ("by=mislabels&top=7&ihvp=cg", "by=mislabels&top=7", None, 1),
+    ("by=cluster&clusters=3&cluster=1&order=2", "by=cluster&clusters=3&cluster=1", None, 2),
+    ("by=cluster&clusters=4&cluster=0&fraction=0.5", "by=cluster&clusters=4&cluster=0&fraction=0.5", None, 1),
+    ("by=ids&ids=5,%203,5,%2088&test_ids=1,2", None, [1, 2], 1),
+])
+def test_group_page_equals_the_api(client: TestClient, query: str, members_query: str | None,
+                                   tests: list[int] | None, order: int) -> None:
+    r = page(client, f"/groups?{query}", "groups.html")
+    ctx = r.context
+    ihvp = "cg" if "ihvp=cg" in query else None
+    members = api(client, f"/api/v1/groups?{members_query}") if members_query else {
+        "by": "ids", "train_ids": [5, 3, 88], "size": 3}
+    assert ctx["members"] == members and members["size"] > 0
+    tests = tests if tests is not None else list(range(N_TEST))
+    body = {"train_ids": members["train_ids"], "test_ids": tests, "ihvp": ihvp}
+    expected = {o: post(client, "/api/v1/group-influence", {**body, "order": o}) for o in (1, 2)}
+    assert ctx["results"] == expected and ctx["form"]["order"] == order
+    for o, result in expected.items():
+        changes = np.array([row["predicted_loss_change"] for row in result["results"]])
+        s = ctx["summaries"][o]
+        assert (s["n"], s["min"], s["max"]) == (len(tests), changes.min(), changes.max())
+        assert s["mean"] == pytest.approx(changes.mean()) and s["rises"] == int((changes > 0).sum())
+        assert f'{s["mean_abs"]:.3g}' in r.text
+    # the plot: one trace per order, test points sorted by the chosen order's change
+    traces = ctx["figures"]["changes"]["data"]
+    assert [t["name"] for t in traces] == ["order 1", "order 2"]
+    by_id = {o: {row["test_id"]: row["predicted_loss_change"] for row in expected[o]["results"]}
+             for o in (1, 2)}
+    ids = [int(t[1:]) for t in traces[0]["text"]]
+    assert sorted(ids) == sorted(tests)
+    assert [by_id[order][i] for i in ids] == sorted(by_id[order].values())
+    for o, trace in zip((1, 2), traces):
+        assert trace["y"] == [by_id[o][i] for i in ids]
+    suffix = "?ihvp=cg" if ihvp else ""
+    assert traces[0]["customdata"][0] == f"/test-points/{ids[0]}{suffix}"
+    # thumbnails: the first members, linked; the audit form carries the group
+    assert hrefs(r.text, "/train-points/")[:48] == members["train_ids"][:48]
+    form = re.search(r'<form class="audit-add" data-audit-add="group"[^>]*>', r.text)
+    assert form is not None
+    assert (f'data-train-ids="{",".join(map(str, members["train_ids"]))}" '
+            f'data-test-ids="{",".join(map(str, tests))}" data-order="{order}"') in form.group(0)
+    assert ctx["checked"] is None and 'id="check-link"' in r.text
+    assert ctx["check_url"].endswith("&check=1") and "by=" in ctx["check_url"]
+
+
+def test_group_page_shows_at_most_48_thumbnails(client: TestClient) -> None:
+    r = page(client, "/groups?by=mislabels&top=60&test_ids=0", "groups.html")
+    assert len(re.findall(r'<img src="/api/v1/images/train/', r.text)) == 48
+    assert "and 12 more" in r.text
+
+
+def test_group_check_against_retraining(client: TestClient) -> None:
+    r = page(client, "/groups?by=class&label=0&fraction=0.3&test_ids=0,1,2,3,4,5&check=1", "groups.html")
+    members = api(client, "/api/v1/groups?by=class&label=0&fraction=0.3")
+    checked = post(client, "/api/v1/group-influence/check",
+                   {"train_ids": members["train_ids"], "test_ids": [0, 1, 2, 3, 4, 5]})
+    ctx = r.context
+    assert {k: v for k, v in ctx["checked"].items() if k != "seconds"} == \
+        {k: v for k, v in checked.items() if k != "seconds"}
+    first, second, diagonal = ctx["figures"]["check"]["data"]
+    assert first["x"] == second["x"] == [row["actual"] for row in checked["results"]]
+    assert first["y"] == [row["first_order"] for row in checked["results"]]
+    assert second["y"] == [row["second_order"] for row in checked["results"]]
+    assert diagonal["x"] == diagonal["y"]
+    for key in ("first_order", "second_order"):
+        assert f'{checked["mean_abs_error"][key]:.3g}' in r.text
+    assert f'{checked["mean_abs_actual"]:.3g}' in r.text and 'id="check-link"' not in r.text
+    # the button's URL reproduces the checked view
+    again = page(client, page(client, "/groups?by=class&label=0&fraction=0.3&test_ids=0,1,2,3,4,5",
+                              "groups.html").context["check_url"], "groups.html")
+    assert again.context["checked"]["results"] == ctx["checked"]["results"]
+
+
+@pytest.mark.parametrize(("url", "status"), [
+    ("/groups?by=class", 422), ("/groups?by=class&label=7", 422), ("/groups?by=ids", 422),
+    ("/groups?by=ids&ids=3,x", 422), (f"/groups?by=ids&ids={N_TRAIN}", 404),
+    (f"/groups?by=class&label=0&test_ids={N_TEST}", 404), ("/groups?by=cluster&clusters=3", 422),
+    ("/groups?by=cluster&clusters=3&cluster=3", 422), ("/groups?by=class&label=0&ihvp=nope", 422),
+])
+def test_group_selection_errors_keep_the_form(client: TestClient, url: str, status: int) -> None:
+    r = client.get(url)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("text/html")
+    assert r.template.name == "groups.html"  # type: ignore[attr-defined]
+    assert r.context["error"] and 'role="alert"' in r.text and 'action="/groups"' in r.text
+
+
+@pytest.mark.parametrize("url", [
+    "/groups?by=bogus", "/groups?by=class&label=0&order=3", "/groups?by=class&label=0&fraction=0",
+    "/groups?by=class&label=0&fraction=1.5", "/groups?by=cluster&clusters=1&cluster=0",
+    "/groups?by=class&label=x", "/groups?by=mislabels&top=0", "/groups?by=class&label=0&check=maybe",
+])
+def test_group_bad_params_are_html_422(client: TestClient, url: str) -> None:
+    r = client.get(url)
+    assert r.status_code == 422 and r.template.name == "error.html"  # type: ignore[attr-defined]
+    assert r.headers["content-type"].startswith("text/html") and r.context["detail"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the attack panel (static/attack.js drives it against /api/v1/attacks)
+
+
+def test_test_point_page_has_the_attack_form(client: TestClient) -> None:
+    html = page(client, "/test-points/4", "test_point.html").text
+    form = re.search(r'<form class="attack-form" data-attack data-test-id="4"[^>]*>(.*?)</form>', html, re.DOTALL)
+    assert form is not None
+    for name, value in (("n_points", "30"), ("epsilon", "0.5"), ("iterations", "10")):
+        assert re.search(rf'name="{name}"[^>]*value="{value}"', form.group(1))
+    assert "Koh &amp; Liang §5.2" in html and 'src="/static/attack.js"' in html
+    assert client.get("/static/attack.js").status_code == 200
