@@ -112,3 +112,65 @@ def test_class_sum_bars_are_the_per_class_sums_coloured_by_sign() -> None:
     assert bars["marker"]["color"] == [viz.HELPFUL if v < 0 else viz.HARMFUL for v in by_class]
     with pytest.raises(ValueError):
         viz.class_sum_bars([1.0], NAMES)
+
+
+# ---------------------------------------------------------------------------------------------
+# training-point layers and group influence
+
+
+LAYERS = [{"name": "0.weight", "shape": [4, 3], "numel": 12, "norm": 3.0, "max_abs": 2.0, "rms": 0.9,
+           "share": 0.9}, {"name": "0.bias", "shape": [4], "numel": 4, "norm": 1.0, "max_abs": 0.7,
+                           "rms": 0.5, "share": 0.1}]
+
+
+def test_layer_share_bars_are_the_shares_in_model_order() -> None:
+    before = copy.deepcopy(LAYERS)
+    fig = viz.layer_share_bars(LAYERS)
+    (bars,) = fig["data"]
+    assert bars["x"] == ["0.weight", "0.bias"] and bars["y"] == [0.9, 0.1]
+    assert bars["customdata"] == [[3.0, 12, 2.0], [1.0, 4, 0.7]]
+    assert fig["layout"]["yaxis"]["range"] == [0, 1] and fig["layout"]["xaxis"]["type"] == "category"
+    assert LAYERS == before and _json_roundtrip(fig) == fig
+
+
+def _changes(values: dict[int, float]) -> list[dict]:
+    return [{"test_id": t, "influence": -v, "predicted_loss_change": v} for t, v in values.items()]
+
+
+def test_group_changes_sorts_by_the_chosen_order_and_keeps_each_orders_values() -> None:
+    first = _changes({0: 0.3, 1: -0.1, 2: 0.0, 3: 0.2})
+    second = _changes({0: 0.25, 1: -0.2, 2: 0.05, 3: 0.4})
+    before = copy.deepcopy((first, second))
+    fig = viz.group_changes({1: first, 2: second}, sort_order=2, test_url="/test-points/{id}?ihvp=cg")
+    one, two = fig["data"]
+    assert (one["name"], two["name"]) == ("order 1", "order 2")
+    assert two["text"] == one["text"] == ["#1", "#2", "#0", "#3"]  # by the order-2 change, rising
+    assert two["y"] == [-0.2, 0.05, 0.25, 0.4] and one["y"] == [-0.1, 0.0, 0.3, 0.2]
+    assert one["x"] == two["x"] == [1, 2, 3, 4]
+    assert one["customdata"][0] == "/test-points/1?ihvp=cg"
+    assert (one["marker"]["color"], two["marker"]["color"]) == (viz.ORDER_COLORS[1], viz.ORDER_COLORS[2])
+    assert fig["layout"]["yaxis"]["zeroline"] is True
+    assert (first, second) == before and _json_roundtrip(fig) == fig
+    # one order alone (a projected run has no order 2); ties break by test id
+    (only,) = viz.group_changes({1: _changes({5: 0.1, 2: 0.1, 9: -1.0})}, sort_order=1)["data"]
+    assert only["text"] == ["#9", "#2", "#5"] and only["customdata"][0] == "/test-points/9"
+
+
+def test_group_changes_refuses_inconsistent_orders() -> None:
+    with pytest.raises(ValueError, match="sort_order"):
+        viz.group_changes({1: _changes({0: 0.1})}, sort_order=2)
+    with pytest.raises(ValueError, match="same test points"):
+        viz.group_changes({1: _changes({0: 0.1}), 2: _changes({1: 0.1})}, sort_order=1)
+
+
+def test_group_check_scatter_is_predicted_against_actual_with_the_diagonal() -> None:
+    rows = [{"test_id": 4, "first_order": 0.1, "second_order": 0.15, "actual": 0.2},
+            {"test_id": 7, "first_order": -0.3, "second_order": -0.25, "actual": -0.2}]
+    fig = viz.group_check_scatter(rows, test_url="/test-points/{id}")
+    first, second, diagonal = fig["data"]
+    assert first["x"] == second["x"] == [0.2, -0.2]
+    assert first["y"] == [0.1, -0.3] and second["y"] == [0.15, -0.25]
+    assert first["customdata"] == ["/test-points/4", "/test-points/7"] and first["text"] == ["#4", "#7"]
+    assert diagonal["x"] == diagonal["y"] == [-0.3, 0.2]  # spans every value shown
+    assert diagonal["hoverinfo"] == "skip" and fig["layout"]["showlegend"] is True
+    assert _json_roundtrip(fig) == fig
