@@ -279,12 +279,13 @@ class Dashboard:
 
     def group_check(self, train_ids: Sequence[int], test_ids: Sequence[int], *,
                     ihvp: str | None = None) -> dict[str, Any]:
-        """First- and second-order predictions against actually retraining without the group
-        (for models small enough to retrain here: convex ones, or up to NEWTON_MAX_PARAMS)."""
+        """First- and second-order predictions against actually retraining without the group.
+        Convex models only (seconds at most, so it can answer within a request); a network's
+        retraining takes minutes: use ``influence group --check`` for it."""
         run = self.run
-        if not run.info["training"].get("convex") and run.objective.n_params > NEWTON_MAX_PARAMS:
-            raise QueryError(f"retraining a {run.info['model']['kind']} with {run.objective.n_params} "
-                             "parameters is too slow to check here; use engine.validate.group_removal")
+        if not run.info["training"].get("convex") or run.objective.n_params > NEWTON_MAX_PARAMS:
+            raise QueryError(f"retraining a {run.info['model']['kind']} ({run.objective.n_params} "
+                             "parameters) takes minutes: check it with `influence group --check`")
         first = self.group(train_ids, test_ids, order=1, ihvp=ihvp)
         second = self.group(train_ids, test_ids, order=2, ihvp=ihvp)
         truth = group_removal(run, [int(i) for i in set(train_ids)], list(test_ids))
