@@ -92,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
                         "test prediction flips after retraining (Koh & Liang §5.2)")
     at.add_argument("--run", required=True, type=Path)
     at.add_argument("--test-index", type=int, required=True)
-    at.add_argument("--points", type=int, default=30, help="training images to perturb (30)")
+    at.add_argument("--points", type=int, default=60, help="training images to perturb (60)")
     at.add_argument("--epsilon", type=float, default=0.5, help="bound on |δ| per input value (0.5)")
     at.add_argument("--iterations", type=int, default=10, help="retrainings at most (10)")
     at.add_argument("--out", type=Path, default=None,

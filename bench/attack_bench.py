@@ -34,7 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="logreg")
     ap.add_argument("--tests", type=int, default=10, help="test points to attack per setting")
-    ap.add_argument("--settings", nargs="+", default=["10:0.5", "30:0.5", "30:0.25"],
+    ap.add_argument("--settings", nargs="+", default=["10:0.5", "30:0.5", "30:0.25", "60:0.5"],
                     help="POINTS:EPSILON pairs")
     ap.add_argument("--iterations", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)

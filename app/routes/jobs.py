@@ -29,7 +29,7 @@ def get_job(job_id: str, request: Request) -> dict[str, Any]:
 
 class AttackRequest(BaseModel):
     test_id: int
-    n_points: int = Field(default=30, ge=1, le=200, description="training images to perturb")
+    n_points: int = Field(default=60, ge=1, le=200, description="training images to perturb")
     epsilon: float = Field(default=0.5, gt=0.0, le=10.0, description="bound on |δ| per input value")
     iterations: int = Field(default=10, ge=1, le=50, description="retrainings at most")
 
