@@ -701,7 +701,10 @@ def test_test_point_page_has_the_attack_form(client: TestClient) -> None:
     html = page(client, "/test-points/4", "test_point.html").text
     form = re.search(r'<form class="attack-form" data-attack data-test-id="4"[^>]*>(.*?)</form>', html, re.DOTALL)
     assert form is not None
-    for name, value in (("n_points", "30"), ("epsilon", "0.5"), ("iterations", "10")):
-        assert re.search(rf'name="{name}"[^>]*value="{value}"', form.group(1))
+    from app.routes.jobs import AttackRequest
+
+    for name in ("n_points", "epsilon", "iterations"):  # the form starts at the API's defaults
+        value = AttackRequest.model_fields[name].default
+        assert re.search(rf'name="{name}"[^>]*value="{value:g}"', form.group(1)), name
     assert "Koh &amp; Liang §5.2" in html and 'src="/static/attack.js"' in html
     assert client.get("/static/attack.js").status_code == 200

@@ -158,7 +158,7 @@ def test_attack_panel_runs_an_attack_and_shows_the_images(tab: Tab) -> None:
     tab.goto("/test-points/0")
     tab.wait_for_plots("probabilities")
     form = page.locator("form[data-attack]")
-    assert form.locator("input[name=n_points]").input_value() == "30"
+    assert form.locator("input[name=n_points]").input_value() == "60"
     assert form.locator("input[name=epsilon]").input_value() == "0.5"
     assert form.locator("input[name=iterations]").input_value() == "10"
     form.locator("input[name=n_points]").fill("12")
