@@ -99,9 +99,14 @@ class Tab:
     def watch(self) -> None:
         self.page.on("console", self._console)
         self.page.on("pageerror", lambda e: self.problems.append(f"page error: {e}"))
-        self.page.on("requestfailed",
-                     lambda r: self.problems.append(f"request failed: {r.url} ({r.failure})"))
+        self.page.on("requestfailed", self._failed)
         self.page.on("response", self._response)
+
+    def _failed(self, request: Any) -> None:
+        # a request still in flight when the page navigates (a form submit, a reload) is
+        # cancelled with ERR_ABORTED: not a fault of the page; HTTP errors are caught by _response
+        if "ERR_ABORTED" not in str(request.failure):
+            self.problems.append(f"request failed: {request.url} ({request.failure})")
 
     def _expected(self, url: str, status: int | None = None) -> bool:
         expected = self.expected_status.get(url.removeprefix(self.base))
