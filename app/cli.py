@@ -75,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     e = query("explain", "the most helpful and harmful training points for a test point")
     e.add_argument("--test-index", type=int, required=True)
     e.add_argument("--top", type=int, default=10)
+    e.add_argument("--fastif", type=int, default=None, metavar="C",
+                   help="FastIF: score only the C nearest training points in the model's features")
     e.add_argument("--json", action="store_true")
 
     gr = query("group", "predicted change of test losses when a group of training points is removed")
@@ -301,7 +303,16 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command == "group":
         _group(run, args)
     elif args.command == "explain":
-        result = run.explain(args.test_index, top=args.top, ihvp=args.ihvp)
+        if args.fastif is not None:
+            from engine.query.knn import fastif_top_influences
+
+            found = fastif_top_influences(run, [args.test_index], top=args.top,
+                                          candidates=args.fastif, ihvp=args.ihvp)[0]
+            result = {**run.explain(args.test_index, top=1, ihvp=args.ihvp),
+                      "helpful": found["helpful"], "harmful": found["harmful"],
+                      "fastif": {"candidates": args.fastif, "scored": found["candidates"]}}
+        else:
+            result = run.explain(args.test_index, top=args.top, ihvp=args.ihvp)
         if args.json:
             print(json.dumps(result, indent=2))
         else:

@@ -139,11 +139,22 @@ class Dashboard:
         return {"test_id": i, "label": int(self.run.dataset.y_test[i]), "predicted": int(proba.argmax()),
                 "probabilities": proba.tolist()}
 
-    def test_point_influence(self, test_id: int, *, top: int = DEFAULT_TOP, ihvp: str | None = None
-                             ) -> dict[str, Any]:
-        """Top-k helpful and harmful training points of one test point (the contract's shape)."""
+    def test_point_influence(self, test_id: int, *, top: int = DEFAULT_TOP, ihvp: str | None = None,
+                             fastif: int | None = None, pool: int = 0) -> dict[str, Any]:
+        """Top-k helpful and harmful training points of one test point (the contract's shape).
+        ``fastif``: score only that many kNN candidates in the model's feature space (FastIF,
+        ``engine.query.knn``; plus the ``pool`` largest-gradient points), a recall trade-off."""
         check_index(test_id, self.run.n_test, "test")
-        return self.run.explain(test_id, top=_check_top(top), ihvp=ihvp)
+        if fastif is None:
+            return self.run.explain(test_id, top=_check_top(top), ihvp=ihvp)
+        from engine.query.knn import fastif_top_influences
+
+        found = fastif_top_influences(self.run, [test_id], top=_check_top(top), candidates=fastif,
+                                      pool=pool, ihvp=ihvp)[0]
+        return {**self.test_point(test_id), "helpful": found["helpful"], "harmful": found["harmful"],
+                "ihvp": self.run.ihvp_report(ihvp),
+                "fastif": {"candidates": fastif, "pool": pool, "scored": found["candidates"],
+                           "space": "features"}}
 
     def test_point_scores(self, test_id: int, *, ihvp: str | None = None) -> dict[str, Any]:
         """Every training point's ``I_up,loss`` on one test point, and their sum per training class."""

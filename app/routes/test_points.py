@@ -39,10 +39,18 @@ def test_point(test_id: int, dash: DashDep) -> dict[str, Any]:
 
 
 @router.get("/{test_id}/influence")
-def test_point_influence(test_id: int, dash: DashDep, top: TopParam = DEFAULT_TOP,
-                         ihvp: IhvpParam = None) -> dict[str, Any]:
+def test_point_influence(
+    test_id: int,
+    dash: DashDep,
+    top: TopParam = DEFAULT_TOP,
+    ihvp: IhvpParam = None,
+    fastif: Annotated[int | None, Query(ge=1, le=1_000_000, description=(
+        "FastIF: score only this many nearest training points in the model's feature space"))] = None,
+    pool: Annotated[int, Query(ge=0, le=100_000, description=(
+        "with fastif: also score the points of largest gradient norm"))] = 0,
+) -> dict[str, Any]:
     """The most helpful (most negative I_up,loss first) and harmful (most positive first) training points."""
-    return dash.test_point_influence(test_id, top=top, ihvp=ihvp)
+    return dash.test_point_influence(test_id, top=top, ihvp=ihvp, fastif=fastif, pool=pool)
 
 
 @router.get("/{test_id}/scores")

@@ -266,3 +266,20 @@ def test_image_bad_split_or_id_is_404(client: TestClient, url: str) -> None:
     r = client.get(url)
     assert r.status_code == 404, url
     assert r.json()["detail"]
+
+
+def test_influence_with_fastif(client: TestClient, run: engine.Run) -> None:
+    """FastIF candidates: scores equal the full scan's for the rows it returns; with every
+    training point as a candidate the lists equal the full scan's."""
+    full = client.get("/api/v1/test-points/6/influence", params={"top": 5}).json()
+    every = client.get("/api/v1/test-points/6/influence", params={"top": 5, "fastif": N_TRAIN}).json()
+    assert [r["train_id"] for r in every["helpful"]] == [r["train_id"] for r in full["helpful"]]
+    assert [r["train_id"] for r in every["harmful"]] == [r["train_id"] for r in full["harmful"]]
+    few = client.get("/api/v1/test-points/6/influence", params={"top": 5, "fastif": 20, "pool": 5}).json()
+    assert few["fastif"] == {"candidates": 20, "pool": 5, "scored": few["fastif"]["scored"], "space": "features"}
+    assert 20 <= few["fastif"]["scored"] <= 25
+    col = run.scores([6])[:, 0]
+    for r in few["helpful"] + few["harmful"]:
+        assert r["score"] == pytest.approx(col[r["train_id"]], rel=1e-9, abs=1e-12)
+    assert client.get("/api/v1/test-points/6/influence", params={"top": 30, "fastif": 10}).status_code == 422
+    assert client.get("/api/v1/test-points/6/influence", params={"fastif": 0}).status_code == 422
