@@ -272,6 +272,21 @@ def gradient_norm_order(run: Run) -> np.ndarray:
     return run.cached(("knn-grad-norm-order", "store"), compute)
 
 
+# the pool's ids and a contiguous copy of their store rows, per run and pool size
+_POOLS: weakref.WeakKeyDictionary[Run, dict[int, tuple[np.ndarray, torch.Tensor]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _pool(run: Run, size: int) -> tuple[np.ndarray, torch.Tensor]:
+    with _INDEX_LOCK:
+        per_run = _POOLS.setdefault(run, {})
+        hit = per_run.get(size)
+        if hit is None:
+            ids = gradient_norm_order(run)[:size]
+            hit = per_run[size] = (ids, run.store[torch.as_tensor(ids, device=run.device)])  # (P, d)
+    return hit
+
+
 def fastif_candidates(run: Run, test_index: int | Sequence[int] | np.ndarray, *,
                       candidates: int = DEFAULT_CANDIDATES, pool: int = 0,
                       ihvp: str | IHVPMethod | None = None, space: str | Space = DEFAULT_SPACE,
@@ -292,18 +307,22 @@ def fastif_candidates(run: Run, test_index: int | Sequence[int] | np.ndarray, *,
     sp: Space = _parse(Space, space)
     idx = _test_indices(test_index, run.n_test)
     index = run_index(run, space=sp, metric=metric, backend=backend)  # built before the query
-    outliers = gradient_norm_order(run)[:pool] if pool else None
+    outliers, outlier_rows = _pool(run, pool) if pool else (None, None)
     g = run.test_gradients(idx)  # (m, d)
     s = run.solver(ihvp).solve(g.T.contiguous())  # (d, m) = H⁻¹ ∇L(z_test)
     query = _query_features(run, sp, run.x_test[torch.as_tensor(idx, device=run.device)], g)  # (m, f)
     _, near = index.search(query, min(candidates, run.n_train))  # (m, c)
+    # the pool's rows are one contiguous block, scored for every test point in one product
+    pool_scores = (-(outlier_rows @ s)).cpu().double().numpy() if outlier_rows is not None else None
     out = []
     for j in range(len(idx)):
-        ids = near[j]
-        if outliers is not None:
-            ids = np.concatenate([ids, outliers[~np.isin(outliers, ids)]])
-        rows = run.store[torch.as_tensor(ids, device=run.device)]  # (c, d)
-        out.append((ids, (-(rows @ s[:, j])).cpu().double().numpy()))  # (c,)
+        rows = run.store[torch.as_tensor(near[j], device=run.device)]  # (c, d)
+        ids, scores = near[j], (-(rows @ s[:, j])).cpu().double().numpy()  # (c,)
+        if outliers is not None and pool_scores is not None:
+            new = ~np.isin(outliers, ids)
+            ids = np.concatenate([ids, outliers[new]])
+            scores = np.concatenate([scores, pool_scores[new, j]])
+        out.append((ids, scores))
     return out
 
 

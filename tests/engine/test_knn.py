@@ -101,14 +101,17 @@ def test_pool_adds_the_largest_gradient_norms(blobs_run):
     norms = np.linalg.norm(blobs_run.store.numpy(), axis=1)
     pool = np.argsort(-norms)[:25]
     np.testing.assert_array_equal(gradient_norm_order(blobs_run)[:25], pool)
-    (near, _), = fastif_candidates(blobs_run, 4, candidates=30)
-    (ids, scores), = fastif_candidates(blobs_run, 4, candidates=30, pool=25)
-    np.testing.assert_array_equal(ids[:30], near)  # the neighbours first, nearest first
-    assert set(ids) == set(near) | set(pool) and len(ids) == len(set(ids))
-    want = blobs_run.scores([4])[ids, 0]
-    np.testing.assert_allclose(scores, want, rtol=1e-10, atol=1e-12 * np.abs(want).max())
-    got = fastif_top_influences(blobs_run, 4, top=10, candidates=30, pool=25)[0]
-    assert got["candidates"] == len(ids)
+    idx = [4, 9]
+    near = fastif_candidates(blobs_run, idx, candidates=30)
+    found = fastif_candidates(blobs_run, idx, candidates=30, pool=25)
+    full = blobs_run.scores(idx)
+    for j, ((ids, scores), (near_ids, _)) in enumerate(zip(found, near)):
+        np.testing.assert_array_equal(ids[:30], near_ids)  # the neighbours first, nearest first
+        assert set(ids) == set(near_ids) | set(pool) and len(ids) == len(set(ids))
+        want = full[ids, j]
+        np.testing.assert_allclose(scores, want, rtol=1e-10, atol=1e-12 * np.abs(want).max())
+    got = fastif_top_influences(blobs_run, idx, top=10, candidates=30, pool=25)
+    assert [r["candidates"] for r in got] == [len(ids) for ids, _ in found]
 
 
 def test_all_candidates_is_the_full_scan(blobs_run):
