@@ -18,6 +18,9 @@ Feature spaces (:class:`Space`):
 
 An optional ``pool`` (not in FastIF) adds the training points with the largest gradient norms
 to every candidate set: high-loss points that are influential without being near the test point.
+On ``bench/fastif_bench.py`` (augmented digits, mlp) plain FastIF's recall@10 of the full scan
+falls from 0.95 at 1.3k training points (1,000 candidates) to 0.04 at 200k; a pool of about 2%
+of the training set brings it to 0.96–0.99 up to 200k.
 
 The index (:class:`KNNIndex`) is an exact FAISS ``IndexFlatL2`` (or ``IndexFlatIP`` on
 L2-normalised rows for ``cosine``) when ``faiss`` is importable (``pip install .[fastif]``), else
