@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import math
 import warnings
@@ -10,7 +11,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 __all__ = ["ACCEPTED_FORMATS", "MAX_UPLOAD_PIXELS", "MIN_IMAGE_SIDE", "UploadError", "decode_upload",
-           "png_bytes"]
+           "png_bytes", "png_data_url"]
 
 MIN_IMAGE_SIDE = 128  # served images are scaled up (nearest neighbour) to at least this short side
 MAX_UPLOAD_PIXELS = 25_000_000  # width × height refused above this, before decoding (bombs)
@@ -47,6 +48,11 @@ def png_bytes(x: np.ndarray, *, min_side: int = MIN_IMAGE_SIDE) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(pixels)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def png_data_url(x: np.ndarray, *, min_side: int = MIN_IMAGE_SIDE) -> str:
+    """:func:`png_bytes` as a ``data:image/png;base64,`` URL, for pages and exports."""
+    return "data:image/png;base64," + base64.b64encode(png_bytes(x, min_side=min_side)).decode()
 
 
 def _target(input_shape: tuple[int, ...]) -> tuple[int, int, str, tuple[int, ...]]:

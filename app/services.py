@@ -7,7 +7,6 @@ disagree on a number.
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +18,7 @@ from engine.models.train import NEWTON_MAX_PARAMS
 from engine.trust import load_trust
 from engine.validate import group_removal
 
-from .images import decode_upload, png_bytes
+from .images import decode_upload, png_data_url
 
 __all__ = ["DEFAULT_LIMIT", "DEFAULT_TOP", "MAX_LIMIT", "MAX_TOP", "Dashboard", "check_index"]
 
@@ -319,5 +318,5 @@ class Dashboard:
                           max_bytes=max_bytes, invert=invert)
         result = self.run.explain_input(x, label=label, top=top, ihvp=ihvp)
         # the input as the model sees it (resized, converted), for the page to show
-        result["input_png"] = "data:image/png;base64," + base64.b64encode(png_bytes(x)).decode()
+        result["input_png"] = png_data_url(x)
         return result

@@ -62,11 +62,16 @@ def create_audit(sessions: sessionmaker[Session], *, title: str, description: st
     return get_audit(sessions, audit.slug), token
 
 
+def _find(s: Session, slug: str) -> Audit:
+    audit = s.scalars(select(Audit).where(Audit.slug == slug)).one_or_none()
+    if audit is None:
+        raise AuditNotFound(f"no audit {slug!r}")
+    return audit
+
+
 def get_audit(sessions: sessionmaker[Session], slug: str) -> Audit:
     with sessions() as s:
-        audit = s.scalars(select(Audit).where(Audit.slug == slug)).one_or_none()
-        if audit is None:
-            raise AuditNotFound(f"no audit {slug!r}")
+        audit = _find(s, slug)
         _ = list(audit.items)  # loaded before the session closes
         return audit
 
@@ -75,9 +80,7 @@ def add_item(sessions: sessionmaker[Session], slug: str, item: NewItem, *, beare
              api_key: str | None) -> AuditItem:
     kind, note, data = item
     with sessions.begin() as s:
-        audit = s.scalars(select(Audit).where(Audit.slug == slug)).one_or_none()
-        if audit is None:
-            raise AuditNotFound(f"no audit {slug!r}")
+        audit = _find(s, slug)
         authorize(audit, bearer, api_key=api_key)
         row = AuditItem(audit_id=audit.id, kind=kind, note=note, data=data)
         s.add(row)
@@ -88,9 +91,7 @@ def add_item(sessions: sessionmaker[Session], slug: str, item: NewItem, *, beare
 def update_audit(sessions: sessionmaker[Session], slug: str, *, title: str | None,
                  description: str | None, bearer: str | None, api_key: str | None) -> Audit:
     with sessions.begin() as s:
-        audit = s.scalars(select(Audit).where(Audit.slug == slug)).one_or_none()
-        if audit is None:
-            raise AuditNotFound(f"no audit {slug!r}")
+        audit = _find(s, slug)
         authorize(audit, bearer, api_key=api_key)
         if title is not None:
             audit.title = title
@@ -103,9 +104,7 @@ def update_audit(sessions: sessionmaker[Session], slug: str, *, title: str | Non
 def delete_item(sessions: sessionmaker[Session], slug: str, item_id: int, *, bearer: str | None,
                 api_key: str | None) -> None:
     with sessions.begin() as s:
-        audit = s.scalars(select(Audit).where(Audit.slug == slug)).one_or_none()
-        if audit is None:
-            raise AuditNotFound(f"no audit {slug!r}")
+        audit = _find(s, slug)
         authorize(audit, bearer, api_key=api_key)
         row = s.get(AuditItem, item_id)
         if row is None or row.audit_id != audit.id:

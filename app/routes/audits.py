@@ -10,7 +10,7 @@ import hmac
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request, Response
-from fastapi.responses import HTMLResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..audits import store
@@ -50,6 +50,11 @@ def _links(slug: str) -> dict[str, str]:
     return {"url": f"/audits/{slug}", "api_url": f"/api/v1/audits/{slug}",
             "html": f"/audits/{slug}.html", "json": f"/audits/{slug}.json",
             "csv": f"/audits/{slug}.csv", "relabel_csv": f"/audits/{slug}/relabel.csv"}
+
+
+def _download(body: str, media_type: str, filename: str) -> Response:
+    return Response(body, media_type=media_type,
+                    headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
 
 def _new_item(dash: Any, item: Item) -> store.NewItem:
@@ -122,20 +127,17 @@ def delete_item(slug: str, item_id: int, request: Request, settings: SettingsDep
 
 @router.get("/audits/{slug}.json", include_in_schema=False)
 def export_json(slug: str, request: Request, dash: DashDep) -> Response:
-    return Response(to_json(_view(request, dash, slug)), media_type="application/json",
-                    headers={"Content-Disposition": f'attachment; filename="audit-{slug}.json"'})
+    return _download(to_json(_view(request, dash, slug)), "application/json", f"audit-{slug}.json")
 
 
 @router.get("/audits/{slug}.csv", include_in_schema=False)
 def export_csv(slug: str, request: Request, dash: DashDep) -> Response:
-    return PlainTextResponse(to_csv(_view(request, dash, slug)), media_type="text/csv",
-                             headers={"Content-Disposition": f'attachment; filename="audit-{slug}.csv"'})
+    return _download(to_csv(_view(request, dash, slug)), "text/csv", f"audit-{slug}.csv")
 
 
 @router.get("/audits/{slug}/relabel.csv", include_in_schema=False)
 def export_relabel(slug: str, request: Request, dash: DashDep) -> Response:
-    return PlainTextResponse(to_relabel_csv(_view(request, dash, slug)), media_type="text/csv",
-                             headers={"Content-Disposition": f'attachment; filename="relabel-{slug}.csv"'})
+    return _download(to_relabel_csv(_view(request, dash, slug)), "text/csv", f"relabel-{slug}.csv")
 
 
 @router.get("/audits/{slug}.html", include_in_schema=False)

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 from engine.attack import attack
 
 from ..deps import DashDep
-from ..images import png_bytes
+from ..images import png_data_url
 from ..services import Dashboard, check_index
 
 router = APIRouter(prefix="/api/v1", tags=["jobs"])
@@ -34,21 +34,15 @@ class AttackRequest(BaseModel):
     iterations: int = Field(default=10, ge=1, le=50, description="retrainings at most")
 
 
-def _data_url(x: np.ndarray) -> str:
-    import base64
-
-    return "data:image/png;base64," + base64.b64encode(png_bytes(x)).decode()
-
-
 def _attack_view(dash: Dashboard, out: dict[str, Any]) -> dict[str, Any]:
     """The engine's answer with arrays turned into images: original, δ (grey = 0), perturbed."""
     eps = out["epsilon"]
-    images = [{"train_id": i, "original": _data_url(o), "perturbed": _data_url(p),
-               "delta": _data_url(np.clip(0.5 + (p - o) / (2 * eps), 0.0, 1.0))}
+    images = [{"train_id": i, "original": png_data_url(o), "perturbed": png_data_url(p),
+               "delta": png_data_url(np.clip(0.5 + (p - o) / (2 * eps), 0.0, 1.0))}
               for i, o, p in zip(out["train_ids"], out["original"], out["perturbed"])]
     view = {k: v for k, v in out.items() if k not in ("original", "perturbed")}
     view["images"] = images
-    view["test_image"] = _data_url(dash.run.dataset.x_test[out["test_id"]])
+    view["test_image"] = png_data_url(dash.run.dataset.x_test[out["test_id"]])
     return view
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,24 +22,8 @@ from app.main import create_app
 from app.services import DEFAULT_LIMIT, DEFAULT_TOP
 from app.settings import Settings
 
-N_TRAIN, N_TEST, N_CLASSES, SIDE = 90, 30, 3, 8
-
-
-def write_npz(path: Path, *, seed: int = 0) -> Path:
-    """Learnable 8x8 'images' in [0, 1]: class k brightens its own band of rows."""
-    rng = np.random.default_rng(seed)
-
-    def split(n: int) -> tuple[np.ndarray, np.ndarray]:
-        y = rng.integers(0, N_CLASSES, n)
-        x = rng.uniform(0.0, 0.4, size=(n, SIDE, SIDE))
-        for k in range(N_CLASSES):
-            x[y == k, 2 * k : 2 * k + 3, :] += 0.5
-        return np.clip(x, 0.0, 1.0), y
-
-    x_train, y_train = split(N_TRAIN)
-    x_test, y_test = split(N_TEST)
-    np.savez(path, X_train=x_train, y_train=y_train, X_test=x_test, y_test=y_test)
-    return path
+from .conftest import N_CLASSES, N_TEST, N_TRAIN
+from .conftest import write_image_npz as write_npz
 
 
 @pytest.fixture(scope="module")
