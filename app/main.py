@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
@@ -17,7 +17,9 @@ import engine
 from .audits.db import make_engine, migrate, session_factory
 from .errors import install_error_handlers
 from .jobs import JobManager
+from .limits import BodyLimit
 from .routes import assets, audits, images, jobs, meta, pages, queries, test_points, train_points
+from .security import csp_nonce, install_security
 from .services import Dashboard
 from .settings import Settings
 
@@ -51,17 +53,21 @@ def create_app(settings: Settings, *, run: engine.Run | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.templates = Jinja2Templates(directory=TEMPLATES_DIR)
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, upload_limit=settings.upload_limit)  # inside the security headers
+    install_security(app, cors_origins=settings.cors_origins)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     for module in (meta, test_points, train_points, images, queries, jobs, audits, assets, pages):
         app.include_router(module.router)
 
     @app.get("/docs", include_in_schema=False)
-    def docs() -> HTMLResponse:
-        """Swagger UI from the local bundle (no CDN)."""
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="influence-dashboard API",
+    def docs(request: Request) -> HTMLResponse:
+        """Swagger UI from the local bundle (no CDN); its one inline script carries the CSP nonce."""
+        page = get_swagger_ui_html(openapi_url="/openapi.json", title="influence-dashboard API",
                                    swagger_js_url=f"{SWAGGER}/swagger-ui-bundle.js",
                                    swagger_css_url=f"{SWAGGER}/swagger-ui.css",
                                    swagger_favicon_url="/static/favicon.svg")
+        html = bytes(page.body).decode().replace("<script>", f'<script nonce="{csp_nonce(request)}">')
+        return HTMLResponse(html)
 
     return app
 

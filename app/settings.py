@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["DEFAULT_UPLOAD_LIMIT", "MIN_API_KEY", "Settings"]
 
@@ -19,7 +21,7 @@ class Settings(BaseSettings):
     ``run`` is required (there is no safe default run); every field can be set from the
     environment: ``INFLUENCE_RUN``, ``INFLUENCE_HOST``, ``INFLUENCE_PORT``,
     ``INFLUENCE_DATABASE_URL``, ``INFLUENCE_UPLOAD_LIMIT``, ``INFLUENCE_TORCH_THREADS``,
-    ``INFLUENCE_API_KEY``.
+    ``INFLUENCE_API_KEY``, ``INFLUENCE_CORS_ORIGINS`` (comma-separated).
     """
 
     model_config = SettingsConfigDict(env_prefix="INFLUENCE_", frozen=True)
@@ -36,7 +38,11 @@ class Settings(BaseSettings):
         default=1, ge=1, le=512, description="PyTorch CPU threads per query when serving: queries "
         "already run on many request threads, so one each avoids oversubscribing the cores")
     api_key: SecretStr | None = Field(
-        default=None, description="a key that may edit every audit and list them (Bearer token)")
+        default=None, description="a key that may edit every audit and list them (Bearer token); "
+        "when set, creating audits and starting retraining jobs need it too")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="origins (scheme://host[:port]) whose pages may call the "
+        "API from a browser; none by default, '*' for any (never with credentials)")
 
     @property
     def resolved_database_url(self) -> str:
@@ -48,6 +54,25 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value  # compose files pass unset variables as ""
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [o.strip() for o in value.split(",") if o.strip()]
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if origin == "*":
+                continue
+            parts = urlsplit(origin)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/") \
+                    or parts.query or parts.fragment:
+                raise ValueError(f"a CORS origin is scheme://host[:port], not {origin!r}")
+        return [o.rstrip("/") for o in origins]
 
     @field_validator("api_key")
     @classmethod

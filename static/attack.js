@@ -97,7 +97,7 @@
       status.hidden = false;
       bar.removeAttribute("value");
       say("starting…");
-      ui.api("POST", "/api/v1/attacks", body).then(function (job) { poll(job.url); },
+      ui.guardedApi("POST", "/api/v1/attacks", body).then(function (job) { poll(job.url); },
         function (err) { say("Could not start the attack: " + err.message, true); finish(); });
     });
   }

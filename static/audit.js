@@ -93,8 +93,28 @@
       " " + two(d.getHours()) + ":" + two(d.getMinutes());
   }
 
+  /* A write the server may guard with its team API key (creating an audit, starting a job):
+     send the key this browser holds; when the server answers 403 asking for its key, ask the
+     user once, keep the key in localStorage (never in a URL) and try again. */
+  var TEAM_KEY = "influence.apiKey";
+
+  function teamKey() {
+    try { return window.localStorage.getItem(TEAM_KEY) || undefined; } catch (e) { return undefined; }
+  }
+
+  function guardedApi(method, path, body) {
+    return api(method, path, body, teamKey()).catch(function (err) {
+      if (err.status !== 403 || err.message.indexOf("API key") < 0) { throw err; }
+      var key = (window.prompt("This dashboard server needs its team API key for this " +
+                               "(kept in this browser only):") || "").trim();
+      if (!key) { throw err; }
+      try { window.localStorage.setItem(TEAM_KEY, key); } catch (e) { /* blocked storage */ }
+      return api(method, path, body, key);
+    });
+  }
+
   function createAudit(title, items) {
-    return api("POST", "/api/v1/audits", { title: title || defaultTitle(), items: items || [] })
+    return guardedApi("POST", "/api/v1/audits", { title: title || defaultTitle(), items: items || [] })
       .then(function (res) {
         var entry = { slug: res.slug, token: res.edit_token, title: res.audit.title, url: res.url,
                       n: res.audit.items.length };
@@ -129,7 +149,7 @@
   function plural(n, word) { return n + " " + word + (n === 1 ? "" : "s"); }
 
   /* shared with the other page scripts (static/attack.js), which load after this one */
-  window.influenceUI = { api: api, el: el, plural: plural };
+  window.influenceUI = { api: api, guardedApi: guardedApi, el: el, plural: plural };
 
   /* the toast at the bottom of the page: what an add did, or why it failed */
   function toast(parts, isError) {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
 
-__all__ = ["DatabaseError", "MIGRATIONS", "head_revision", "make_engine", "migrate", "revision",
+__all__ = ["DatabaseError", "hide_password", "MIGRATIONS", "head_revision", "make_engine", "migrate", "revision",
            "session_factory"]
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -23,6 +24,11 @@ SQLITE_BUSY_MS = 30_000  # writers wait this long for SQLite's lock instead of f
 
 class DatabaseError(RuntimeError):
     """The audit database cannot be used (bad URL, unreachable server, unwritable file)."""
+
+
+def hide_password(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for messages and logs)."""
+    return re.sub(r"(//[^/:@]*:)[^@/]*@", r"\1***@", url)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -39,8 +45,9 @@ def make_engine(url: str) -> Engine:
     SQLAlchemy knows, e.g. ``postgresql+psycopg://user:pass@host/db``."""
     try:
         parsed = make_url(url)
-    except ArgumentError as exc:
-        raise DatabaseError(f"bad database URL {url!r}: {exc}") from None
+    except (ArgumentError, ValueError):  # ValueError: e.g. a port that is not a number
+        raise DatabaseError(f"bad database URL {hide_password(url)!r}: expected "
+                            "dialect+driver://user:password@host:port/database") from None
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")  # the driver the project installs
     if parsed.get_backend_name() == "sqlite":

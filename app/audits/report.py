@@ -57,4 +57,5 @@ def render_report(templates: Jinja2Templates, audit: dict[str, Any], *, standalo
     if standalone:
         context["inline_css"] = _inline((STATIC / "style.css").read_text(encoding="utf-8"))
         context["inline_plotly"] = _inline(plotly_bundle().read_text(encoding="utf-8"))
+        context["inline_report_js"] = _inline((STATIC / "report.js").read_text(encoding="utf-8"))
     return templates.get_template("audit.html").render(context)

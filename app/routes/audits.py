@@ -6,37 +6,24 @@ creation returned, or the server's API key, as ``Authorization: Bearer <token>``
 
 from __future__ import annotations
 
-import hmac
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
+from .. import security
 from ..audits import store
 from ..audits.exports import to_csv, to_json, to_relabel_csv
 from ..audits.report import render_report
 from ..audits.schemas import AuditCreate, AuditUpdate, Item
 from ..audits.snapshot import run_info, snapshot
 from ..deps import DashDep, SettingsDep
+from ..security import Authorization, WriterDep
 from ..services import DEFAULT_LIMIT
 from .params import LimitParam, OffsetParam
 
 router = APIRouter(tags=["audits"])
-
-Authorization = Annotated[str | None, Header(description="Bearer <edit token or API key>")]
-
-
-def _bearer(header: str | None) -> str | None:
-    if not header:
-        return None
-    scheme, _, token = header.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-
-
-def _api_key(settings: Any) -> str | None:
-    return settings.api_key.get_secret_value() if settings.api_key else None
-
 
 def _sessions(request: Request) -> Any:
     return request.app.state.audit_sessions
@@ -61,7 +48,7 @@ def _new_item(dash: Any, item: Item) -> store.NewItem:
     return item.kind, item.note, snapshot(dash, item)
 
 
-@router.post("/api/v1/audits", status_code=201)
+@router.post("/api/v1/audits", status_code=201, dependencies=[WriterDep])
 async def create_audit(body: AuditCreate, request: Request, dash: DashDep) -> dict[str, Any]:
     """Save an audit; answers its permalink and the edit token (shown only now: keep it)."""
     items = await run_in_threadpool(lambda: [_new_item(dash, it) for it in body.items])
@@ -76,9 +63,7 @@ async def create_audit(body: AuditCreate, request: Request, dash: DashDep) -> di
 def list_audits(request: Request, settings: SettingsDep, authorization: Authorization = None,
                 offset: OffsetParam = 0, limit: LimitParam = DEFAULT_LIMIT) -> dict[str, Any]:
     """Every audit, newest first (needs the server's API key)."""
-    key = _api_key(settings)
-    bearer = _bearer(authorization)
-    if not key or not bearer or not hmac.compare_digest(bearer.encode(), key.encode()):
+    if not security.carries_api_key(settings, authorization):
         raise store.Forbidden("listing audits needs the server's API key (INFLUENCE_API_KEY)")
     total, rows = store.list_audits(_sessions(request), offset=offset, limit=limit)
     return {"total": total, "offset": offset, "limit": limit,
@@ -97,7 +82,7 @@ def update_audit(slug: str, body: AuditUpdate, request: Request, dash: DashDep, 
                  authorization: Authorization = None) -> dict[str, Any]:
     """Change the title or description (needs the edit token)."""
     store.update_audit(_sessions(request), slug, title=body.title, description=body.description,
-                       bearer=_bearer(authorization), api_key=_api_key(settings))
+                       bearer=security.bearer(authorization), api_key=security.api_key(settings))
     return _view(request, dash, slug)
 
 
@@ -105,7 +90,7 @@ def update_audit(slug: str, body: AuditUpdate, request: Request, dash: DashDep, 
 def add_item(slug: str, item: Item, request: Request, dash: DashDep, settings: SettingsDep,
              authorization: Authorization = None) -> dict[str, Any]:
     """Add an item at the end (needs the edit token); answers the item as stored."""
-    sessions, bearer, key = _sessions(request), _bearer(authorization), _api_key(settings)
+    sessions, bearer, key = _sessions(request), security.bearer(authorization), security.api_key(settings)
     store.authorize(store.get_audit(sessions, slug), bearer, api_key=key)  # before any engine work
     row = store.add_item(sessions, slug, _new_item(dash, item), bearer=bearer, api_key=key)
     items = _view(request, dash, slug)["items"]
@@ -116,8 +101,8 @@ def add_item(slug: str, item: Item, request: Request, dash: DashDep, settings: S
 def delete_item(slug: str, item_id: int, request: Request, settings: SettingsDep,
                 authorization: Authorization = None) -> Response:
     """Remove one item (needs the edit token)."""
-    store.delete_item(_sessions(request), slug, item_id, bearer=_bearer(authorization),
-                      api_key=_api_key(settings))
+    store.delete_item(_sessions(request), slug, item_id, bearer=security.bearer(authorization),
+                      api_key=security.api_key(settings))
     return Response(status_code=204)
 
 

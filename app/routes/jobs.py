@@ -12,6 +12,7 @@ from engine.attack import attack
 
 from ..deps import DashDep
 from ..images import png_data_url
+from ..security import WriterDep
 from ..services import Dashboard, check_index
 
 router = APIRouter(prefix="/api/v1", tags=["jobs"])
@@ -46,7 +47,7 @@ def _attack_view(dash: Dashboard, out: dict[str, Any]) -> dict[str, Any]:
     return view
 
 
-@router.post("/attacks", status_code=202)
+@router.post("/attacks", status_code=202, dependencies=[WriterDep])
 def start_attack(body: AttackRequest, request: Request, dash: DashDep) -> dict[str, Any]:
     """Start a training-set attack on one test prediction (Koh & Liang §5.2); poll the job."""
     check_index(body.test_id, dash.run.n_test, "test")

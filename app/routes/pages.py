@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 
 from engine import InfluenceError, QueryError
 
-from .. import viz
+from .. import security, viz
 from ..deps import DashDep, SettingsDep
 from ..errors import error_detail, error_status
 from ..images import UploadError
@@ -385,7 +385,10 @@ def groups(request: Request, dash: DashDep, by: GroupBy = None, label: OptInt = 
                       else None, "test_ids": tests[:AUDIT_MAX_TESTS], "n_tests": len(tests)})
     ctx["figures"]["changes"] = viz.group_changes(
         {o: r["results"] for o, r in ctx["results"].items()}, sort_order=order, test_url=test_url)
-    if check:
+    if check and security.api_key(request.app.state.settings):  # a page link cannot carry the key
+        ctx["check_error"] = ("this server retrains only for requests that carry its API key: "
+                              "POST /api/v1/group-influence/check with 'Authorization: Bearer <key>'")
+    elif check:
         try:
             ctx["checked"] = dash.group_check(members["train_ids"], tests, ihvp=ihvp)
         except InfluenceError as exc:  # e.g. a network too large to retrain here

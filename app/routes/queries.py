@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..deps import DashDep, SettingsDep
 from ..images import UploadError
+from ..security import WriterDep
 from ..services import DEFAULT_TOP
 from .params import IhvpParam, TopParam
 
@@ -60,7 +61,7 @@ class GroupCheckRequest(BaseModel):
     ihvp: str | None = Field(default=None, description="IHVP method (default: the run's own)")
 
 
-@router.post("/group-influence/check")
+@router.post("/group-influence/check", dependencies=[WriterDep])
 def group_check(body: GroupCheckRequest, dash: DashDep) -> dict[str, Any]:
     """First and second order against actually retraining without the group (small models only;
     seconds for a convex model on digits)."""

@@ -5,17 +5,21 @@ server does."""
 
 from __future__ import annotations
 
+import os
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 import engine
 from app.main import create_app
 from app.settings import Settings
 
+PG_ENV = "INFLUENCE_TEST_POSTGRES_URL"
 N_TRAIN, N_TEST, N_CLASSES, SIDE = 90, 30, 3, 8
 
 
@@ -56,3 +60,26 @@ def run(client: TestClient) -> engine.Run:
     app_run = client.app.state.run  # type: ignore[attr-defined]
     assert isinstance(app_run, engine.Run)
     return app_run
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A fresh, empty audit database of each kind."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path_factory.mktemp('db') / 'audits.sqlite3'}"
+        return
+    base = os.environ.get(PG_ENV)
+    if not base:
+        if os.environ.get("INFLUENCE_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"{PG_ENV} is not set but INFLUENCE_REQUIRE_POSTGRES=1")
+        pytest.skip(f"no PostgreSQL server: set {PG_ENV}")
+    name = f"influence_t_{secrets.token_hex(4)}"
+    admin = sa.create_engine(sa.engine.make_url(base).set(drivername="postgresql+psycopg"),
+                             isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = sa.engine.make_url(base).set(database=name).render_as_string(hide_password=False)
+    yield url
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()

@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,14 +41,15 @@ def browser_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def server_url(browser_run: Path) -> Iterator[str]:
-    """Base URL of a uvicorn server (in a thread) serving the dashboard for ``browser_run``."""
+@contextmanager
+def serving(run: Path, **settings: Any) -> Iterator[str]:
+    """Base URL of a uvicorn server (in a thread, on a free loopback port) serving the dashboard
+    for ``run`` with these settings; stopped on exit."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    app = create_app(Settings(run=browser_run, port=port))
+    app = create_app(Settings(run=run, port=port, **settings))
     config = uvicorn.Config(app, log_level="warning", ws="none", lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -57,10 +59,19 @@ def server_url(browser_run: Path) -> Iterator[str]:
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("the dashboard server did not start")
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@pytest.fixture(scope="session")
+def server_url(browser_run: Path) -> Iterator[str]:
+    """Base URL of the session's dashboard server for ``browser_run`` (no API key)."""
+    with serving(browser_run) as base:
+        yield base
 
 
 @pytest.fixture(scope="session")
