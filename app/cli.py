@@ -48,6 +48,17 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="auto", help="auto, cpu or cuda")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--dtype", default="auto", choices=("auto", "float64", "float32"))
+    b.add_argument("--store-dtype", default="auto",
+                   choices=("auto", "float64", "float32", "float16", "bfloat16"),
+                   help="gradient store dtype (auto: the compute dtype); float16/bfloat16 halve "
+                        "the store of a large projected run, scores accumulate in float32")
+    b.add_argument("--chunk-size", type=int, default=512,
+                   help="training points per per-sample-gradient block and store write (512)")
+    b.add_argument("--resume", action="store_true",
+                   help="continue a killed build of the same settings from its .OUT.partial folder")
+    b.add_argument("--distributed", action="store_true",
+                   help="one process of a torchrun job: shard the gradients and curvature "
+                        "over the processes (gloo on CPUs, NCCL on GPUs)")
     b.add_argument("--weights", default=None, help="state_dict for a module:factory model")
     b.add_argument("--svm-temperature", type=float, default=0.01,
                    help="temperature t of the smooth hinge svm influence goes through (0.01)")
@@ -247,13 +258,19 @@ def _dispatch(args: argparse.Namespace) -> None:
 
     if args.command == "build":
         opts: dict[str, Any] = {"dtype": args.dtype, "weights": args.weights,
-                                "svm_temperature": args.svm_temperature}
+                                "svm_temperature": args.svm_temperature,
+                                "store_dtype": args.store_dtype, "chunk_size": args.chunk_size}
         if args.epochs is not None:
             opts["train"] = engine.TrainConfig(epochs=args.epochs)
-        run = engine.build(args.data, args.model, args.out, weight_decay=args.weight_decay,
-                           damping=args.damping, ihvp=args.ihvp, project=args.project,
-                           device=args.device, seed=args.seed, force=args.force,
-                           progress=not args.quiet, **opts)
+        build: Any = engine.build
+        if args.distributed:
+            from engine.distributed import build_distributed as build
+        run = build(args.data, args.model, args.out, weight_decay=args.weight_decay,
+                    damping=args.damping, ihvp=args.ihvp, project=args.project,
+                    device=args.device, seed=args.seed, force=args.force, resume=args.resume,
+                    progress=not args.quiet, **opts)
+        if run is None:  # a torchrun process other than rank 0: rank 0 reports
+            return
         summary = _summary(run)
         if args.json:
             print(json.dumps(summary, indent=2))

@@ -92,9 +92,11 @@ class BuildConfig:
     device: str = "auto"
     seed: int = 0
     dtype: str = "auto"  # float64 on the CPU, float32 on a GPU
+    store_dtype: str = "auto"  # the gradient store's dtype: auto (the compute dtype), float64,
+    # float32, float16 or bfloat16 (2 bytes a value; scores accumulate in float32)
     weights: str | None = None  # state_dict for a ``module:factory`` user model
     svm_temperature: float = 0.01
-    chunk_size: int = 512
+    chunk_size: int = 512  # training points per per-sample-gradient block (and store write)
     train: TrainConfig = field(default_factory=TrainConfig)
     cg: CGConfig = field(default_factory=CGConfig)
     lissa: LissaConfig = field(default_factory=LissaConfig)

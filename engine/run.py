@@ -38,6 +38,7 @@ from .models import make_module, make_objective, model_fingerprint, resolve_devi
 from .query.topk import RunningTopK
 from .store.files import load_json, load_tensors
 from .store.gradients import open_store
+from .store.resident import ResidentStore
 
 __all__ = ["Run", "open_run", "RUN_FILE", "THETA_FILE", "SCRIPT_FILE", "CURVATURE_FILE",
            "RUN_SCHEMA", "parse_method"]
@@ -47,7 +48,6 @@ THETA_FILE = "model.pt"
 SCRIPT_FILE = "model.ts"
 CURVATURE_FILE = "curvature.pt"
 RUN_SCHEMA = 1
-ROW_BLOCK = 65536  # store rows per score block
 
 
 def parse_method(name: str | IHVPMethod | None) -> IHVPMethod | None:
@@ -106,8 +106,11 @@ class Run:
             "data_fingerprint": info["data"]["fingerprint"],
             "model_fingerprint": info["model"]["fingerprint"],
         })
-        # resident copy of the store in the compute dtype: one pass per query, no disk reads
-        self.store = torch.from_numpy(np.array(array)).to(self.device, self.dtype)  # (n, d)
+        # resident copy of the store in its own dtype (float16/bfloat16 stay 2 bytes a value):
+        # one pass per query, no disk reads; scores in blocks (see ResidentStore)
+        self.resident = ResidentStore.load(array, self.manifest["dtype"], device=self.device,
+                                           compute_dtype=self.dtype)  # (n, d)
+        self._store_compute: torch.Tensor | None = None
         proj = self.manifest.get("projection")
         self.projector = (Projector(self.objective.n_params, proj["k"], seed=proj["seed"],
                                     dtype=self.dtype, device=self.device) if proj else None)
@@ -116,6 +119,9 @@ class Run:
         self.x_test = torch.from_numpy(np.array(self.dataset.x_test)).to(self.device, self.dtype)
         self.y_test = torch.from_numpy(np.array(self.dataset.y_test)).to(self.device)
         cpath = path / CURVATURE_FILE
+        if self.config.ihvp in (IHVPMethod.EXACT, IHVPMethod.PROJECTED) and not cpath.exists():
+            raise RunError(f"{cpath}: missing (the {self.config.ihvp.value} curvature of this run); "
+                           "rebuild the run")
         self._curvature = load_tensors(cpath) if cpath.exists() else {}
         self._solvers: dict[tuple[IHVPMethod, float | None], Solver] = {}
         # queries run on a web server's threads: solvers and caches are built once, under a lock
@@ -124,6 +130,17 @@ class Run:
         self._test_grads: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ basics
+    @property
+    def store(self) -> torch.Tensor:
+        """The store (n, d) in the compute dtype. For a float16/bfloat16 (or float32 on a float64
+        run) store this is a full upcast copy, made on first use and kept: the query paths of
+        this class never need it (they score from :attr:`resident` in blocks)."""
+        if self._store_compute is None:
+            with self._lock:
+                if self._store_compute is None:
+                    self._store_compute = self.resident.as_compute()
+        return self._store_compute
+
     @property
     def n_train(self) -> int:
         return self.dataset.n_train
@@ -220,8 +237,9 @@ class Run:
         return g
 
     def _score_blocks(self, s: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-        for start in range(0, self.n_train, ROW_BLOCK):
-            yield start, -(self.store[start : start + ROW_BLOCK] @ s)  # (b, m)
+        """``(offset, −store[block] @ s)`` (b, m) for s (d, m): one product per store block."""
+        for start, prod in self.resident.products(s):
+            yield start, prod.neg_()  # (b, m)
 
     # ------------------------------------------------------------------ queries
     def scores_for_gradients(self, g: torch.Tensor, ihvp: str | IHVPMethod | None = None, *,
@@ -275,7 +293,7 @@ class Run:
 
     def gradient_norms(self) -> np.ndarray:
         """‖∇L(z_i, θ̂)‖ of every training point (in the store's space), float64 (n_train,), cached."""
-        return self.cached(("grad-norm", ""), lambda: self.store.norm(dim=1).cpu().double().numpy())
+        return self.cached(("grad-norm", ""), lambda: self.resident.row_norms().cpu().numpy())
 
     def self_influence(self, ihvp: str | IHVPMethod | None = None, *, block: int = 4096
                        ) -> np.ndarray:
@@ -286,7 +304,7 @@ class Run:
         def compute() -> np.ndarray:
             out = []
             for start in range(0, self.n_train, block):
-                g = self.store[start : start + block]  # (b, d)
+                g = self.resident.rows(slice(start, start + block))  # (b, d)
                 out.append(-(g * solver.solve(g.T.contiguous()).T).sum(dim=1))
             return torch.cat(out).cpu().double().numpy()
 
@@ -304,7 +322,7 @@ class Run:
         """``I_up,loss(z_i, z_test)`` of one training point on every test point, float64 (n_test,):
         row ``train_index`` of :meth:`scores`, computed with one solve."""
         i = int(_indices(train_index, self.n_train, "train")[0])
-        s = self.solver(ihvp).solve(self.store[i][:, None].contiguous())  # (d, 1) = H⁻¹ ∇L(z_i)
+        s = self.solver(ihvp).solve(self.resident.rows(slice(i, i + 1)).T.contiguous())  # (d, 1) = H⁻¹ ∇L(z_i)
         return (-(self._all_test_gradients() @ s)[:, 0]).cpu().double().numpy()
 
     def params(self, train_index: int, ihvp: str | IHVPMethod | None = None) -> np.ndarray:
@@ -312,7 +330,7 @@ class Run:
         if self.projector is not None:
             raise QueryError("influence on parameters needs full gradients; this run is projected")
         i = int(_indices(train_index, self.n_train, "train")[0])
-        return (-self.solver(ihvp).solve(self.store[i])).cpu().double().numpy()
+        return (-self.solver(ihvp).solve(self.resident.rows(slice(i, i + 1))[0])).cpu().double().numpy()
 
     def top_influences(self, g: torch.Tensor, *, top: int, ihvp: str | IHVPMethod | None = None
                        ) -> list[dict[str, list[dict[str, Any]]]]:

@@ -17,7 +17,7 @@ import torch
 import engine
 from tests.small_data import N_PARAMS, N_TRAIN, write_npz
 from app.cli import main
-from engine.store.gradients import GRADS_FILE, MANIFEST_FILE, StoreWriter, open_store
+from engine.store.gradients import DONE_FILE, GRADS_FILE, MANIFEST_FILE, StoreWriter, open_store
 
 build_module = importlib.import_module("engine.build")  # `engine.build` is the function
 
@@ -275,7 +275,7 @@ def test_store_writer_refuses_missing_rows(tmp_path):
         w.finish({})
     assert not (tmp_path / GRADS_FILE).exists()
     assert not (tmp_path / MANIFEST_FILE).exists()
-    assert {p.name for p in tmp_path.iterdir()} <= {GRADS_FILE + ".tmp"}
+    assert {p.name for p in tmp_path.iterdir()} <= {GRADS_FILE + ".tmp", DONE_FILE}
     with pytest.raises(engine.RunError):
         open_store(tmp_path, expect={})
 

@@ -1,0 +1,112 @@
+"""The gradient store held in memory on the query device, in the store's own dtype.
+
+A float16 / bfloat16 store stays float16 / bfloat16 on the device (half the bytes of float32, a
+quarter of float64); scores are formed block by block with float32 accumulation, so the only
+full-size array is the store itself. Full-precision stores (float32, float64) score in their
+own dtype, exactly as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from .gradients import TORCH_DTYPES, as_torch
+
+__all__ = ["ResidentStore", "block_product", "LOW_PRECISION"]
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+CPU_BLOCK_ELEMENTS = 1 << 22  # (rows × max(d, m)) per block on the CPU: ~32 MiB in float64
+CUDA_BLOCK_ELEMENTS = 1 << 28  # on a GPU fewer, larger products: ~1 GiB of float32 scores
+LOAD_CHUNK_BYTES = 1 << 28  # host → device copies of the memory map, 256 MiB at a time
+
+_MM_OUT_DTYPE: dict[str, bool] = {}  # device type → torch.mm(..., out_dtype=float32) works
+
+
+def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for low-precision a, b on a GPU: float32 accumulation and, where torch offers
+    ``mm(..., out_dtype=float32)``, a float32 result (else the low-precision one, upcast)."""
+    key = a.device.type
+    if _MM_OUT_DTYPE.get(key, True):
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MM_OUT_DTYPE[key] = False
+    return (a @ b).float()
+
+
+def block_product(rows: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``rows @ s`` for store rows (b, d) in the store dtype and s (d, m): (b, m).
+
+    Full-precision rows: in the rows' dtype. Low-precision rows: float32 result; on the CPU the
+    block is upcast to float32; on a GPU the product runs in the store dtype (tensor cores,
+    float32 accumulation) with each column of s scaled to max |s| = 1 first, so that float16
+    neither overflows nor flushes small entries, and the scale is put back afterwards.
+    """
+    if rows.dtype not in LOW_PRECISION:
+        return rows @ s.to(rows.dtype)
+    if rows.device.type == "cpu":
+        return rows.float() @ s.float()
+    scale = s.abs().amax(dim=0).float().clamp_min(torch.finfo(torch.float32).tiny)  # (m,)
+    return _mm_float32(rows, (s.float() / scale).to(rows.dtype)) * scale  # (b, m)
+
+
+class ResidentStore:
+    """The (n, d) store on ``device`` in its own dtype, scored in blocks."""
+
+    def __init__(self, data: torch.Tensor, *, compute_dtype: torch.dtype) -> None:
+        self.data = data  # (n, d) store dtype
+        self.compute_dtype = compute_dtype
+
+    @classmethod
+    def load(cls, array: np.ndarray, dtype: str, *, device: torch.device,
+             compute_dtype: torch.dtype) -> ResidentStore:
+        """Copy the memory map ``array`` (manifest dtype ``dtype``) onto ``device``, in chunks."""
+        n, d = array.shape
+        data = torch.empty((n, d), dtype=TORCH_DTYPES[dtype], device=device)
+        step = max(1, LOAD_CHUNK_BYTES // max(1, d * data.element_size()))
+        for start in range(0, n, step):
+            data[start : start + step] = as_torch(array[start : start + step], dtype).to(device)
+        return cls(data, compute_dtype=compute_dtype)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def block_rows(self, m: int = 1) -> int:
+        """Rows per score block for m query columns."""
+        budget = CUDA_BLOCK_ELEMENTS if self.data.device.type == "cuda" else CPU_BLOCK_ELEMENTS
+        return int(min(max(self.data.shape[0], 1), max(256, budget // max(self.data.shape[1], m))))
+
+    def rows(self, index: torch.Tensor | slice) -> torch.Tensor:
+        """Store rows in the compute dtype ((b, d); a gather copies only those rows)."""
+        return self.data[index].to(self.compute_dtype)
+
+    def as_compute(self) -> torch.Tensor:
+        """The whole store in the compute dtype: the resident tensor itself when the dtypes
+        agree, otherwise a full upcast copy (n × d in the compute dtype; avoid on large runs)."""
+        return self.data if self.data.dtype == self.compute_dtype else self.data.to(self.compute_dtype)
+
+    def products(self, s: torch.Tensor, *, block: int | None = None
+                 ) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(offset, store[offset:offset+b] @ s)`` for s (d, m), one product per row block."""
+        n = self.data.shape[0]
+        step = block or self.block_rows(s.shape[1] if s.dim() == 2 else 1)
+        for start in range(0, n, step):
+            yield start, block_product(self.data[start : start + step], s)
+
+    def row_norms(self) -> torch.Tensor:
+        """‖store row‖ (n,) in float64 computed block by block."""
+        step = self.block_rows()
+        return torch.cat([torch.linalg.vector_norm(self.data[s : s + step].double(), dim=1)
+                          for s in range(0, self.data.shape[0], step)])
