@@ -72,11 +72,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(run: Path, port: int, log) -> subprocess.Popen:
-    """``influence serve`` in a subprocess, its output to ``log``."""
+def start_server(run: Path, port: int, log, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``influence serve`` in a subprocess (``env`` added to this one's), its output to ``log``."""
     return subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--run", str(run),
                              "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})})
 
 
 def wait_healthy(proc: subprocess.Popen, port: int, timeout: float = HEALTH_TIMEOUT_S) -> dict:
@@ -133,24 +134,35 @@ class Connection:
             self.reader = self.writer = None
 
     async def get(self, path: str) -> tuple[int, dict[str, str], bytes]:
+        return await self.request("GET", path)
+
+    async def request(self, method: str, path: str, body: bytes = b"",
+                      headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        """One request (a GET is resent once if the reused connection was closed meanwhile)."""
+        head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        for name, value in (headers or {}).items():
+            head += f"{name}: {value}\r\n"
+        if body or method != "GET":
+            head += f"Content-Length: {len(body)}\r\n"
+        data = (head + "\r\n").encode("latin-1") + body
         reused = self.writer is not None
         if not reused:
             await self.open()
         try:
-            status_line = await self._send(path)
+            status_line = await self._send(data)
         except (ConnectionError, asyncio.IncompleteReadError):
-            if not reused:
+            if not reused or method != "GET":
                 raise
             self.reconnects += 1
             await self.close()
             await self.open()
-            status_line = await self._send(path)
+            status_line = await self._send(data)
         return await self._read_rest(int(status_line.split(b" ", 2)[1]))
 
-    async def _send(self, path: str) -> bytes:
+    async def _send(self, data: bytes) -> bytes:
         """Write the request; return the response's status line."""
         assert self.reader is not None and self.writer is not None
-        self.writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        self.writer.write(data)
         await self.writer.drain()
         return await self.reader.readuntil(b"\r\n")
 
