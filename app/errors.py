@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from engine import IndexOutOfRange, InfluenceError, QueryError
@@ -45,7 +50,27 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": error_detail(exc)}, status_code=error_status(exc))
 
 
+def _json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats (``1e400`` or ``NaN`` in a JSON body) as strings: JSON has
+    no such numbers, so echoing them back in a 422 would fail to encode."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422 (``detail``: the list of what failed validation, and where), encodable
+    whatever the request held."""
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    return JSONResponse({"detail": _json_safe(jsonable_encoder(errors))}, status_code=422)
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(InfluenceError, _domain_error)
     for exc in (UploadError, AuditNotFound, Forbidden, DatabaseError, JobNotFound, QueueFull):
         app.add_exception_handler(exc, _domain_error)

@@ -16,6 +16,8 @@ __all__ = ["ACCEPTED_FORMATS", "MAX_UPLOAD_PIXELS", "MIN_IMAGE_SIDE", "UploadErr
 MIN_IMAGE_SIDE = 128  # served images are scaled up (nearest neighbour) to at least this short side
 MAX_UPLOAD_PIXELS = 25_000_000  # width × height refused above this, before decoding (bombs)
 ACCEPTED_FORMATS = ("PNG", "JPEG")
+CHANNEL_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}  # the PIL mode of an input with this many channels
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")  # how PIL opens a 16-bit grayscale PNG
 
 
 class UploadError(ValueError):
@@ -65,8 +67,23 @@ def _target(input_shape: tuple[int, ...]) -> tuple[int, int, str, tuple[int, ...
         return side, side, "L", input_shape
     h, w = input_shape[:2]
     channels = input_shape[2] if len(input_shape) == 3 else 1
-    mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[channels]
-    return h, w, mode, input_shape
+    if len(input_shape) > 3 or channels not in CHANNEL_MODES:
+        raise UploadError(422, f"this run's inputs have shape {tuple(input_shape)}, not an image of "
+                               "1 to 4 channels: an upload cannot be converted to them")
+    return h, w, CHANNEL_MODES[channels], input_shape
+
+
+def _convert(img: Image.Image, mode: str) -> Image.Image:
+    """``img`` in ``mode``: 16-bit grayscale scaled onto 0..255 (PIL would clip it to white);
+    transparent pixels over white (paper) when ``mode`` has no alpha (PIL would drop the alpha
+    and show whatever colour they hide, often black)."""
+    if img.mode in SIXTEEN_BIT_MODES:
+        wide = np.clip(np.asarray(img), 0, 65535).astype(np.uint32)  # (H, W) in 0..65535
+        img = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+    if "A" not in mode and (img.mode in ("LA", "RGBA", "PA") or "transparency" in img.info):
+        paper = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(paper, img.convert("RGBA"))
+    return img.convert(mode)
 
 
 def decode_upload(data: bytes, *, input_shape: tuple[int, ...], value_range: tuple[float, float],
@@ -102,7 +119,7 @@ def decode_upload(data: bytes, *, input_shape: tuple[int, ...], value_range: tup
         raise UploadError(413, f"the image is too large to decode safely ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise UploadError(400, f"the image could not be decoded (truncated or corrupt: {exc})") from None
-    img = img.convert(mode)
+    img = _convert(img, mode)
     shrink = img.width >= w and img.height >= h
     method = Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR
     # band by band: PIL premultiplies alpha when resizing LA/RGBA, which would alter the colours

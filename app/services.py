@@ -274,6 +274,8 @@ class Dashboard:
         elif by == "cluster":
             if not 2 <= clusters <= 100 or cluster is None or not 0 <= cluster < clusters:
                 raise QueryError("cluster needs clusters in 2..100 and cluster in 0..clusters-1")
+            if clusters > run.n_train:
+                raise QueryError(f"clusters ({clusters}) cannot exceed the {run.n_train} training points")
             assign = run.cached((f"kmeans-{clusters}-{seed}", ""), lambda: self._kmeans(clusters, seed))
             ids = np.flatnonzero(assign == cluster)
         else:

@@ -4,14 +4,29 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 __all__ = ["MAX_ITEMS", "AuditCreate", "AuditUpdate", "GroupItem", "Item", "MislabelItem",
            "TestPointItem"]
 
 MAX_ITEMS = 500  # per request
 MAX_NOTE = 10_000
-Note = Annotated[str, Field(default="", max_length=MAX_NOTE, description="free text")]
+
+
+def _storable(text: str) -> str:
+    """Text every audit database can store: PostgreSQL refuses NUL characters, and a lone
+    surrogate (``"\\ud800"`` is valid JSON) has no UTF-8 encoding."""
+    if "\x00" in text:
+        raise ValueError("text cannot contain NUL characters (\\u0000)")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode: it holds a lone surrogate (\\ud800..\\udfff)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_storable)]
+Note = Annotated[Text, Field(default="", max_length=MAX_NOTE, description="free text")]
 
 
 class _Strict(BaseModel):
@@ -52,11 +67,11 @@ Item = Annotated[TestPointItem | MislabelItem | GroupItem, Field(discriminator="
 
 
 class AuditCreate(_Strict):
-    title: str = Field(min_length=1, max_length=200)
-    description: str = Field(default="", max_length=MAX_NOTE)
+    title: Text = Field(min_length=1, max_length=200)
+    description: Text = Field(default="", max_length=MAX_NOTE)
     items: list[Item] = Field(default_factory=list, max_length=MAX_ITEMS)
 
 
 class AuditUpdate(_Strict):
-    title: str | None = Field(default=None, min_length=1, max_length=200)
-    description: str | None = Field(default=None, max_length=MAX_NOTE)
+    title: Text | None = Field(default=None, min_length=1, max_length=200)
+    description: Text | None = Field(default=None, max_length=MAX_NOTE)

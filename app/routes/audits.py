@@ -21,7 +21,7 @@ from ..audits.snapshot import run_info, snapshot
 from ..deps import DashDep, SettingsDep
 from ..security import Authorization, WriterDep
 from ..services import DEFAULT_LIMIT
-from .params import LimitParam, OffsetParam
+from .params import ItemIdParam, LimitParam, OffsetParam, SlugParam
 
 router = APIRouter(tags=["audits"])
 
@@ -72,13 +72,13 @@ def list_audits(request: Request, settings: SettingsDep, authorization: Authoriz
 
 
 @router.get("/api/v1/audits/{slug}")
-def get_audit(slug: str, request: Request, dash: DashDep) -> dict[str, Any]:
+def get_audit(slug: SlugParam, request: Request, dash: DashDep) -> dict[str, Any]:
     """The audit with its items in order, and whether the served run is the one it was saved on."""
     return _view(request, dash, slug)
 
 
 @router.patch("/api/v1/audits/{slug}")
-def update_audit(slug: str, body: AuditUpdate, request: Request, dash: DashDep, settings: SettingsDep,
+def update_audit(slug: SlugParam, body: AuditUpdate, request: Request, dash: DashDep, settings: SettingsDep,
                  authorization: Authorization = None) -> dict[str, Any]:
     """Change the title or description (needs the edit token)."""
     store.update_audit(_sessions(request), slug, title=body.title, description=body.description,
@@ -87,7 +87,7 @@ def update_audit(slug: str, body: AuditUpdate, request: Request, dash: DashDep, 
 
 
 @router.post("/api/v1/audits/{slug}/items", status_code=201)
-def add_item(slug: str, item: Item, request: Request, dash: DashDep, settings: SettingsDep,
+def add_item(slug: SlugParam, item: Item, request: Request, dash: DashDep, settings: SettingsDep,
              authorization: Authorization = None) -> dict[str, Any]:
     """Add an item at the end (needs the edit token); answers the item as stored."""
     sessions, bearer, key = _sessions(request), security.bearer(authorization), security.api_key(settings)
@@ -98,7 +98,7 @@ def add_item(slug: str, item: Item, request: Request, dash: DashDep, settings: S
 
 
 @router.delete("/api/v1/audits/{slug}/items/{item_id}", status_code=204)
-def delete_item(slug: str, item_id: int, request: Request, settings: SettingsDep,
+def delete_item(slug: SlugParam, item_id: ItemIdParam, request: Request, settings: SettingsDep,
                 authorization: Authorization = None) -> Response:
     """Remove one item (needs the edit token)."""
     store.delete_item(_sessions(request), slug, item_id, bearer=security.bearer(authorization),
@@ -111,28 +111,28 @@ def delete_item(slug: str, item_id: int, request: Request, settings: SettingsDep
 
 
 @router.get("/audits/{slug}.json", include_in_schema=False)
-def export_json(slug: str, request: Request, dash: DashDep) -> Response:
+def export_json(slug: SlugParam, request: Request, dash: DashDep) -> Response:
     return _download(to_json(_view(request, dash, slug)), "application/json", f"audit-{slug}.json")
 
 
 @router.get("/audits/{slug}.csv", include_in_schema=False)
-def export_csv(slug: str, request: Request, dash: DashDep) -> Response:
+def export_csv(slug: SlugParam, request: Request, dash: DashDep) -> Response:
     return _download(to_csv(_view(request, dash, slug)), "text/csv", f"audit-{slug}.csv")
 
 
 @router.get("/audits/{slug}/relabel.csv", include_in_schema=False)
-def export_relabel(slug: str, request: Request, dash: DashDep) -> Response:
+def export_relabel(slug: SlugParam, request: Request, dash: DashDep) -> Response:
     return _download(to_relabel_csv(_view(request, dash, slug)), "text/csv", f"relabel-{slug}.csv")
 
 
 @router.get("/audits/{slug}.html", include_in_schema=False)
-def export_html(slug: str, request: Request, dash: DashDep) -> Response:
+def export_html(slug: SlugParam, request: Request, dash: DashDep) -> Response:
     html = render_report(request.app.state.templates, _view(request, dash, slug), standalone=True)
     return HTMLResponse(html, headers={"Content-Disposition": f'attachment; filename="audit-{slug}.html"'})
 
 
 @router.get("/audits/{slug}", include_in_schema=False)
-def permalink(slug: str, request: Request, dash: DashDep) -> Response:
+def permalink(slug: SlugParam, request: Request, dash: DashDep) -> Response:
     """The read-only view of an audit (a page)."""
     return HTMLResponse(render_report(request.app.state.templates, _view(request, dash, slug),
                                       standalone=False))

@@ -1,0 +1,103 @@
+"""A size limit on request bodies, enforced while they stream in (an ASGI middleware).
+
+FastAPI parses a multipart form, spooling its files to disk, before a route handler runs, so a
+limit checked in the handler comes after the whole body was read. This middleware refuses a body
+before that: at once when ``Content-Length`` declares too much, else as soon as the bytes received
+pass the limit (a chunked body without ``Content-Length``, or one that sends more than it declared),
+so no more than the limit plus one chunk is ever read. Uploads (``POST /api/v1/query`` and the
+page's ``POST /query``) are limited to the configured upload size plus the form's framing; every
+other body (JSON) to ``MAX_JSON_BODY``. The answer is ``413`` with a JSON ``detail``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from starlette.exceptions import HTTPException
+
+__all__ = ["MAX_JSON_BODY", "MULTIPART_OVERHEAD", "UPLOAD_PATHS", "BodyLimit"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+UPLOAD_PATHS = frozenset({"/api/v1/query", "/query"})
+MULTIPART_OVERHEAD = 64 * 1024  # bytes of form framing allowed beyond the upload limit
+MAX_JSON_BODY = 32 * 1024 * 1024  # a group of a million training ids is about 8 MB of JSON
+
+
+class _TooLarge(HTTPException):
+    """The body passed the limit while streaming in: an HTTP error, so that FastAPI's body
+    parsing re-raises it (it turns other errors into 400) and the app's handler answers 413."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(413, detail)
+
+
+class BodyLimit:
+    """Answer ``413`` to a request whose body is larger than its route's limit, reading no more
+    of it than the limit (plus the chunk that crossed it)."""
+
+    def __init__(self, app: ASGIApp, *, upload_limit: int, json_limit: int = MAX_JSON_BODY) -> None:
+        self.app = app
+        self.upload_limit = upload_limit
+        self.json_limit = json_limit
+
+    def _limit(self, scope: Scope) -> tuple[int, str]:
+        if scope["path"] in UPLOAD_PATHS:
+            rule = f"uploads are limited to {self.upload_limit:,} bytes"
+            return self.upload_limit + MULTIPART_OVERHEAD, rule
+        return self.json_limit, f"request bodies are limited to {self.json_limit:,} bytes"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit, rule = self._limit(scope)
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            await _refuse(send, f"the request body is {declared:,} bytes; {rule}")
+            return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _TooLarge(f"the request body is more than {limit:,} bytes; {rule}")
+            return message
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracked_send)
+        except _TooLarge as exc:  # read outside the app's exception handling
+            if started:
+                raise
+            await _refuse(send, exc.detail)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            text = value.decode("latin-1").strip()
+            return int(text) if text.isdigit() else None
+    return None
+
+
+async def _refuse(send: Send, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
