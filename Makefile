@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: demo test setup bench clean
+.PHONY: demo test setup bench bench-peers clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,18 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/engine_bench.py
+
+# The engine against captum's and pyDVL's influence functions (bench/peers_bench.py), in its own
+# venv: torch's CPU wheel first, then the pinned peers, then this project without its web deps.
+PEERS_VENV ?= bench/.venv-peers
+bench-peers:
+	@if [ ! -x $(PEERS_VENV)/bin/python ] || ! $(PEERS_VENV)/bin/python -c "import captum, pydvl, engine" 2>/dev/null; then \
+	  $(PY) -m venv $(PEERS_VENV) && \
+	  $(PEERS_VENV)/bin/pip install -q "$(TORCH_CPU)" && \
+	  $(PEERS_VENV)/bin/pip install -q -r bench/peers-requirements.txt && \
+	  $(PEERS_VENV)/bin/pip install -q --no-deps -e .; \
+	fi
+	$(PEERS_VENV)/bin/python bench/peers_bench.py
 
 clean:
 	rm -rf runs .pytest_cache
