@@ -8,10 +8,14 @@ cannot be called statelessly, so they take a slower autograd path that writes θ
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import math
+import os
+import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import torch
@@ -20,24 +24,70 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from .losses import LossFn
 
-__all__ = ["Objective", "serialised"]
+__all__ = ["ModulePool", "Objective", "serialised"]
 
 F = TypeVar("F", bound=Callable[..., torch.Tensor])
 
-# torch.func's transforms keep a process-wide interpreter stack, and functional_call swaps a
-# module's parameters in place: neither is safe when a web server's threads run queries at once
-# (seen: "ADInterpreters ... escaped" under 4 concurrent clients). Everything that runs the
-# model takes this lock; re-entrant, because the transforms call back into ``logits``.
+# ``functional_call`` swaps a module's parameters in place, so two threads calling one module at
+# once see each other's θ (seen: wrong gradients and "ADInterpreters ... escaped" under 4 concurrent
+# clients). torch.func's transforms themselves are per thread. So each thread that runs the model
+# holds a module of its own from a small pool of copies (``ModulePool``): model calls of different
+# threads run in parallel, up to the pool's size. TorchScript modules, which take θ written into
+# the module itself, and anything that hooks the shared module still take this process-wide lock;
+# re-entrant, because the transforms call back into ``logits``.
 _MODEL_LOCK = threading.RLock()
+POOL_SIZE = max(1, min(os.cpu_count() or 1, 8))  # module copies: more than the cores buys nothing
+
+
+class ModulePool:
+    """Copies of one module handed to threads: a thread holds one for the length of a model call
+    (nested calls in that thread reuse it); at most ``size`` copies are ever made, and a thread
+    that finds none free waits for one."""
+
+    def __init__(self, model: nn.Module, size: int = POOL_SIZE) -> None:
+        self._model = model
+        self._size = size
+        self._made = 0
+        self._free: queue.LifoQueue[nn.Module] = queue.LifoQueue()
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[nn.Module]:
+        held = getattr(self._local, "module", None)
+        if held is not None:  # a nested call in the same thread
+            yield held
+            return
+        module = self._take()
+        self._local.module = module
+        try:
+            yield module
+        finally:
+            self._local.module = None
+            self._free.put(module)
+
+    def _take(self) -> nn.Module:
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            pass
+        with self._lock:
+            make = self._made < self._size
+            self._made += make
+        if make:
+            with _MODEL_LOCK:  # nothing writes the shared module while it is copied
+                return copy.deepcopy(self._model)
+        return self._free.get()
 
 
 def serialised(fn: F) -> F:
-    """Run ``fn`` holding the process-wide model lock."""
+    """Run the :class:`Objective` method ``fn`` with a module of this thread's own (the
+    functional path) or holding the process-wide model lock (TorchScript)."""
 
     @functools.wraps(fn)
-    def wrapper(*args: object, **kwargs: object) -> torch.Tensor:
-        with _MODEL_LOCK:
-            return fn(*args, **kwargs)
+    def wrapper(self: Objective, *args: object, **kwargs: object) -> torch.Tensor:
+        with self.holding():
+            return fn(self, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
 
@@ -60,6 +110,18 @@ class Objective:
         self.functional = not isinstance(self.model, torch.jit.ScriptModule)
         self._buffers = dict(self.model.named_buffers())
         self._params = [p for _, p in named]
+        self._pool = ModulePool(self.model) if self.functional else None
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[nn.Module]:
+        """The module this thread may run: its own copy on the functional path (no lock), or
+        the shared TorchScript module under the process-wide model lock."""
+        if self._pool is None:
+            with _MODEL_LOCK:
+                yield self.model
+        else:
+            with self._pool.hold() as module:
+                yield module
 
     # ----------------------------------------------------------------- parameters
     def flat_params(self) -> torch.Tensor:
@@ -108,7 +170,8 @@ class Objective:
         """Logits (b, C) at θ for a batch x (b, *input_shape)."""
         x = self.as_input(x)
         if self.functional:
-            return functional_call(self.model, (self.unflatten(theta), self._buffers), (x,))
+            with self.holding() as module:  # this thread's copy (already held by the caller)
+                return functional_call(module, (self.unflatten(theta), self._buffers), (x,))
         self.load_flat(theta)
         return self.model(x)
 

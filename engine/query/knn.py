@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ..errors import IndexOutOfRange, QueryError
-from ..models.objective import _MODEL_LOCK, Objective
+from ..models.objective import Objective
 from .topk import RunningTopK
 
 if TYPE_CHECKING:
@@ -115,18 +115,19 @@ def penultimate_features(objective: Objective, theta: torch.Tensor, x: torch.Ten
                          batch: int = FEATURE_BATCH) -> torch.Tensor:
     """The input of the model's last ``nn.Linear`` at θ for inputs x (b, *input_shape) → (b, f).
 
-    Taken with a forward hook under the process-wide model lock. For a model without an
-    ``nn.Linear`` (or a TorchScript one) this is the flattened input (b, prod(input_shape)).
+    Taken with a forward hook on the module this thread holds (:meth:`Objective.holding`). For a
+    model without an ``nn.Linear`` (or a TorchScript one) this is the flattened input
+    (b, prod(input_shape)).
     """
-    last = _last_linear(objective.model)
-    if last is None:
-        return objective.as_input(x).flatten(1)
     captured: list[torch.Tensor] = []
 
     def hook(_m: nn.Module, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
         captured.append(inputs[0].detach().flatten(1))  # (b, f)
 
-    with _MODEL_LOCK:
+    with objective.holding() as module:  # the module this thread runs: hook that one
+        last = _last_linear(module)
+        if last is None:
+            return objective.as_input(x).flatten(1)
         handle = last.register_forward_hook(hook)
         try:
             with torch.no_grad():

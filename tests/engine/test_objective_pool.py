@@ -1,0 +1,59 @@
+"""Model calls of different threads run in parallel on copies of the module (engine.models.objective):
+each thread holds its own copy for a call, nested calls reuse it, and no more copies are made
+than the pool's size. (That the answers equal the serial ones under 8 threads is checked in
+test_queries.test_concurrent_queries_agree_with_serial_ones.)"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch import nn
+
+from engine.models.objective import ModulePool
+
+
+def test_threads_hold_different_copies_at_the_same_time() -> None:
+    model = nn.Linear(3, 2)
+    pool = ModulePool(model, size=2)
+    both_inside = threading.Barrier(2, timeout=10)  # raises if the second thread is kept out
+    held: dict[int, nn.Module] = {}
+    errors: list[BaseException] = []
+
+    def worker(w: int) -> None:
+        try:
+            with pool.hold() as m:
+                with pool.hold() as again:  # nested: the same copy, no second one taken
+                    assert again is m
+                held[w] = m
+                both_inside.wait()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert held[0] is not held[1] and model not in held.values()
+    assert torch.equal(held[0].weight, model.weight)  # copies of the module
+
+
+def test_no_more_copies_than_the_size() -> None:
+    pool = ModulePool(nn.Linear(3, 2), size=2)
+    seen: set[int] = set()
+    lock = threading.Lock()
+
+    def worker() -> None:
+        for _ in range(50):
+            with pool.hold() as m:
+                with lock:
+                    seen.add(id(m))
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert 1 <= len(seen) <= 2
