@@ -332,17 +332,30 @@ class Run:
         i = int(_indices(train_index, self.n_train, "train")[0])
         return (-self.solver(ihvp).solve(self.resident.rows(slice(i, i + 1))[0])).cpu().double().numpy()
 
+    def topk_scores(self, s: torch.Tensor, k: int
+                    ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """Helpful and harmful top-k of ``scores = −G s`` for s (d, m), in one pass over the store.
+
+        One product ``sᵀ Gᵀ`` (m, b) per store block feeds both running top-k: the largest
+        products are the most negative scores (helpful), the smallest the most positive
+        (harmful); the full score matrix is never formed. Returns ``((values, ids), (values,
+        ids))`` for helpful (most negative first) and harmful (most positive first), each (k, m).
+        """
+        helpful, harmful = RunningTopK(k, largest=True), RunningTopK(k, largest=False)
+        s_t = s.T.contiguous()  # (m, d)
+        for offset, prod in self.resident.products_t(s_t):  # (m, b) = sᵀ Gᵀ
+            helpful.update_t(offset, prod)
+            harmful.update_t(offset, prod)
+        (hv, hi), (av, ai) = helpful.result(), harmful.result()
+        return (-hv, hi), (-av, ai)
+
     def top_influences(self, g: torch.Tensor, *, top: int, ihvp: str | IHVPMethod | None = None
                        ) -> list[dict[str, list[dict[str, Any]]]]:
         """Per column of g (m, d): helpful (most negative first) and harmful (most positive first)."""
         if top < 1:
             raise QueryError(f"top must be at least 1, got {top}")
-        s = self.solver(ihvp).solve(g.T.contiguous())
-        helpful, harmful = RunningTopK(top, largest=False), RunningTopK(top, largest=True)
-        for offset, block in self._score_blocks(s):  # one pass over the store feeds both
-            helpful.update(offset, block)
-            harmful.update(offset, block)
-        (hv, hi), (av, ai) = helpful.result(), harmful.result()
+        s = self.solver(ihvp).solve(g.T.contiguous())  # (d, m)
+        (hv, hi), (av, ai) = self.topk_scores(s, top)
         labels = self.dataset.y_train
 
         def rows(vals: torch.Tensor, idx: torch.Tensor, j: int) -> list[dict[str, Any]]:

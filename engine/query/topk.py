@@ -1,42 +1,57 @@
-"""Top-k of score columns, streamed over row blocks (constant memory), and its naive reference."""
+"""Top-k of score columns, streamed over row blocks (constant memory), merged across shards,
+and its naive reference."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
-__all__ = ["RunningTopK", "streaming_topk", "naive_topk"]
+__all__ = ["RunningTopK", "streaming_topk", "merge_topk", "naive_topk"]
 
 
 class RunningTopK:
     """The k largest (or smallest) values per column seen so far, and their row indices.
 
     Captum's pattern: top-k of each block, merged with the running best, so only k rows per
-    column are kept between blocks. Exact ties may come in any order.
+    column are kept between blocks. Kept as (m, k) with the rows along the last dimension, so a
+    block given as (m, b) (:meth:`update_t`, what a product ``sᵀ Gᵀ`` yields) is selected along
+    contiguous memory. Exact ties may come in any order.
     """
 
     def __init__(self, k: int, *, largest: bool) -> None:
         self.k = k
         self.largest = largest
-        self.values: torch.Tensor | None = None
-        self.indices: torch.Tensor | None = None
+        self._values: torch.Tensor | None = None  # (m, k)
+        self._indices: torch.Tensor | None = None  # (m, k)
 
     def update(self, offset: int, block: torch.Tensor) -> None:
         """Take a block of scores (b, m) whose first row is row ``offset``."""
-        v, i = torch.topk(block, min(self.k, block.shape[0]), dim=0, largest=self.largest)
+        self.update_t(offset, block.T)
+
+    def update_t(self, offset: int, block_t: torch.Tensor) -> None:
+        """Take a block of scores given transposed, (m, b), whose first row is row ``offset``."""
+        v, i = torch.topk(block_t, min(self.k, block_t.shape[1]), dim=1, largest=self.largest)
         i = i + offset
-        if self.values is not None and self.indices is not None:
-            v, i = torch.cat([self.values, v]), torch.cat([self.indices, i])
-            sel = torch.topk(v, min(self.k, v.shape[0]), dim=0, largest=self.largest).indices
-            v, i = torch.gather(v, 0, sel), torch.gather(i, 0, sel)
-        self.values, self.indices = v, i
+        if self._values is not None and self._indices is not None:
+            v, i = torch.cat([self._values, v], 1), torch.cat([self._indices, i], 1)
+            sel = torch.topk(v, min(self.k, v.shape[1]), dim=1, largest=self.largest).indices
+            v, i = torch.gather(v, 1, sel), torch.gather(i, 1, sel)
+        self._values, self._indices = v, i
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self._values is None else self._values.T
+
+    @property
+    def indices(self) -> torch.Tensor | None:
+        return None if self._indices is None else self._indices.T
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Values and row indices, each (min(k, n), m), best first."""
-        if self.values is None or self.indices is None:
+        if self._values is None or self._indices is None:
             raise ValueError("no score blocks")
-        return self.values, self.indices
+        return self._values.T, self._indices.T
 
 
 def streaming_topk(blocks: Iterable[tuple[int, torch.Tensor]], k: int, *, largest: bool
@@ -46,6 +61,23 @@ def streaming_topk(blocks: Iterable[tuple[int, torch.Tensor]], k: int, *, larges
     for offset, block in blocks:
         acc.update(offset, block)
     return acc.result()
+
+
+def merge_topk(parts: Sequence[tuple[torch.Tensor, torch.Tensor]], k: int, *, largest: bool
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge per-shard top-k results into the top-k of the whole store.
+
+    ``parts``: per shard, ``(values, indices)`` each (k_s, m) with indices already *global* row
+    ids (shard offset added), as :class:`RunningTopK` or a shard's own query returns them.
+    Returns (min(k, Σ k_s), m) values and indices, best first: the same set as a top-k over the
+    unsharded scores (exact ties may come in any order).
+    """
+    if not parts:
+        raise ValueError("no shard results to merge")
+    v = torch.cat([p[0] for p in parts], 0)  # (Σ k_s, m)
+    i = torch.cat([p[1].to(v.device) for p in parts], 0)
+    sel = torch.topk(v, min(k, v.shape[0]), dim=0, largest=largest).indices
+    return torch.gather(v, 0, sel), torch.gather(i, 0, sel)
 
 
 def naive_topk(scores: torch.Tensor, k: int, *, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:

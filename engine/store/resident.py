@@ -15,7 +15,7 @@ import torch
 
 from .gradients import TORCH_DTYPES, as_torch
 
-__all__ = ["ResidentStore", "block_product", "LOW_PRECISION"]
+__all__ = ["ResidentStore", "block_product", "block_product_t", "LOW_PRECISION"]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 CPU_BLOCK_ELEMENTS = 1 << 22  # (rows × max(d, m)) per block on the CPU: ~32 MiB in float64
@@ -51,6 +51,17 @@ def block_product(rows: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         return rows.float() @ s.float()
     scale = s.abs().amax(dim=0).float().clamp_min(torch.finfo(torch.float32).tiny)  # (m,)
     return _mm_float32(rows, (s.float() / scale).to(rows.dtype)) * scale  # (b, m)
+
+
+def block_product_t(s_t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``s_t @ rowsᵀ`` (m, b) for s_t (m, d) and store rows (b, d): :func:`block_product`
+    transposed, so that a top-k over the rows runs along contiguous memory."""
+    if rows.dtype not in LOW_PRECISION:
+        return s_t.to(rows.dtype) @ rows.T
+    if rows.device.type == "cpu":
+        return s_t.float() @ rows.float().T
+    scale = s_t.abs().amax(dim=1, keepdim=True).float().clamp_min(torch.finfo(torch.float32).tiny)
+    return _mm_float32((s_t.float() / scale).to(rows.dtype), rows.T) * scale  # (m, b)
 
 
 class ResidentStore:
@@ -104,6 +115,14 @@ class ResidentStore:
         step = block or self.block_rows(s.shape[1] if s.dim() == 2 else 1)
         for start in range(0, n, step):
             yield start, block_product(self.data[start : start + step], s)
+
+    def products_t(self, s_t: torch.Tensor, *, block: int | None = None
+                   ) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(offset, s_t @ store[offset:offset+b]ᵀ)`` (m, b) for s_t (m, d), one product per block."""
+        n = self.data.shape[0]
+        step = block or self.block_rows(s_t.shape[0])
+        for start in range(0, n, step):
+            yield start, block_product_t(s_t, self.data[start : start + step])
 
     def row_norms(self) -> torch.Tensor:
         """‖store row‖ (n,) in float64 computed block by block."""

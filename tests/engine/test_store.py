@@ -1,0 +1,194 @@
+"""The gradient store: float16/bfloat16 files, resumable writes, the resident store's block
+products and top-k, the cached projection, and how far low-precision scores are from float32."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import engine
+from engine.grads.projection import ROW_BLOCK, Projector
+from engine.query.topk import naive_topk
+from engine.store.gradients import (
+    DONE_FILE,
+    GRADS_FILE,
+    MANIFEST_FILE,
+    PARTIAL_GRADS_FILE,
+    StoreWriter,
+    as_torch,
+    open_store,
+)
+from engine.store.resident import ResidentStore, block_product, block_product_t
+
+CPU = torch.device("cpu")
+TOP = 10
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_low_precision_store_round_trips(tmp_path: Path, dtype: str) -> None:
+    rows = torch.randn(7, 5, dtype=torch.float64)
+    w = StoreWriter(tmp_path, n=7, dim=5, dtype=dtype)
+    w.write(slice(0, 7), rows)
+    w.finish({})
+    array, man = open_store(tmp_path, expect={})
+    assert man["dtype"] == dtype
+    assert array.dtype == (np.uint16 if dtype == "bfloat16" else np.float16)
+    back = as_torch(array, dtype)
+    assert back.dtype == getattr(torch, dtype)
+    assert torch.equal(back, rows.to(getattr(torch, dtype)))
+
+
+def test_float16_overflow_is_refused(tmp_path: Path) -> None:
+    w = StoreWriter(tmp_path, n=2, dim=2, dtype="float16")
+    with pytest.raises(engine.RunError, match="bfloat16"):
+        w.write(slice(0, 2), torch.full((2, 2), 1e6))
+
+
+def test_writer_resumes_the_rows_it_has(tmp_path: Path) -> None:
+    rows = torch.randn(10, 3, dtype=torch.float64)
+    w = StoreWriter(tmp_path, n=10, dim=3, dtype="float64")
+    w.write(slice(0, 4), rows[:4])
+    w.write(slice(6, 8), rows[6:8])
+    del w  # the process dies here: no finish
+    assert {p.name for p in tmp_path.iterdir()} == {PARTIAL_GRADS_FILE, DONE_FILE}
+    again = StoreWriter(tmp_path, n=10, dim=3, dtype="float64", resume=True)
+    assert again.missing().tolist() == [4, 5, 8, 9]
+    assert again.missing(slice(5, 9)).tolist() == [5, 8]
+    again.write(slice(4, 6), rows[4:6])
+    again.write(slice(8, 10), rows[8:10])
+    again.finish({})
+    assert np.array_equal(np.load(tmp_path / GRADS_FILE), rows.numpy())
+    assert {p.name for p in tmp_path.iterdir()} == {GRADS_FILE, MANIFEST_FILE}
+
+
+def test_writer_without_resume_starts_afresh(tmp_path: Path) -> None:
+    w = StoreWriter(tmp_path, n=4, dim=2, dtype="float32")
+    w.write(slice(0, 2), torch.ones(2, 2))
+    del w
+    assert StoreWriter(tmp_path, n=4, dim=2, dtype="float32").missing().tolist() == [0, 1, 2, 3]
+    assert StoreWriter(tmp_path, n=5, dim=2, dtype="float32", resume=True).missing().size == 5
+
+
+# ---------------------------------------------------------------------------------------------
+# resident store: products and top-k
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_block_products_match_float64(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(1)
+    g = torch.randn(300, 16, generator=gen, dtype=torch.float64)
+    s = torch.randn(16, 3, generator=gen, dtype=torch.float64)
+    rows = g.to(dtype)
+    exact = rows.double() @ s
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}[dtype]
+    for got in (block_product(rows, s), block_product_t(s.T, rows).T):
+        assert got.dtype == (dtype if dtype in (torch.float64, torch.float32) else torch.float32)
+        torch.testing.assert_close(got.double(), exact, rtol=tol, atol=tol)
+
+
+def test_resident_store_stays_in_its_dtype_and_blocks_cover_it() -> None:
+    data = torch.randn(1000, 8).to(torch.bfloat16)
+    store = ResidentStore(data, compute_dtype=torch.float64)
+    assert store.data.dtype == torch.bfloat16 and store.nbytes == 1000 * 8 * 2
+    s = torch.randn(8, 2, dtype=torch.float64)
+    blocks = list(store.products(s, block=300))
+    assert [o for o, _ in blocks] == [0, 300, 600, 900]
+    torch.testing.assert_close(torch.cat([b for _, b in blocks]).double(),
+                               data.double() @ s, rtol=1e-5, atol=1e-5)
+    assert store.rows(slice(3, 5)).dtype == torch.float64
+
+
+def test_batched_topk_equals_a_full_sort(digits_run: engine.Run) -> None:
+    run = digits_run
+    idx = np.arange(0, 64)
+    scores = torch.from_numpy(run.scores(idx))  # (n, m)
+    s = run.solver().solve(run.test_gradients(idx).T.contiguous())
+    (hv, hi), (av, ai) = run.topk_scores(s, TOP)
+    ref_hv, ref_hi = naive_topk(scores, TOP, largest=False)
+    ref_av, ref_ai = naive_topk(scores, TOP, largest=True)
+    assert torch.equal(hi, ref_hi) and torch.equal(ai, ref_ai)
+    torch.testing.assert_close(hv, ref_hv, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(av, ref_av, rtol=1e-10, atol=1e-14)
+    one = run.top_influences(run.test_gradients(idx[5:6]), top=TOP)[0]
+    assert [r["train_id"] for r in one["harmful"]] == ref_ai[:, 5].tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# the projection's cache
+
+
+def test_cached_projection_equals_the_streamed_one() -> None:
+    p, k = 2 * ROW_BLOCK + 77, 12
+    g = torch.randn(5, p, dtype=torch.float64)
+    streamed = Projector(p, k, seed=4, dtype=torch.float64, device=CPU, cache_bytes=0)
+    some = Projector(p, k, seed=4, dtype=torch.float64, device=CPU, cache_bytes=ROW_BLOCK * k * 8)
+    whole = Projector(p, k, seed=4, dtype=torch.float64, device=CPU)
+    ref = streamed.project(g)
+    assert streamed.cached_bytes == 0
+    for proj in (some, whole):
+        torch.testing.assert_close(proj.project(g), ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(proj.project(g), ref, rtol=1e-12, atol=1e-12)  # from the cache
+        assert torch.equal(proj.columns(slice(2, 5)), streamed.columns(slice(2, 5)))
+    assert some.cached_bytes == ROW_BLOCK * k * 8
+    assert whole.cached_bytes == p * k * 8
+
+
+# ---------------------------------------------------------------------------------------------
+# low-precision stores against float32
+
+
+@pytest.fixture(scope="module")
+def projected_f32(tmp_path_factory: pytest.TempPathFactory) -> engine.Run:
+    return engine.build("digits", "logreg", tmp_path_factory.mktemp("runs") / "f32", device="cpu",
+                        ihvp="projected", project=256, store_dtype="float32", progress=False)
+
+
+def _as_dtype(run: engine.Run, dtype: str, dst: Path) -> engine.Run:
+    """A copy of ``run`` whose store is rewritten in ``dtype`` by the StoreWriter."""
+    shutil.copytree(run.path, dst)
+    man = json.loads((dst / MANIFEST_FILE).read_text())
+    (dst / GRADS_FILE).unlink()
+    w = StoreWriter(dst, n=man["n"], dim=man["dim"], dtype=dtype)
+    w.write(slice(0, man["n"]), torch.from_numpy(np.load(run.path / GRADS_FILE)))
+    w.finish({k: v for k, v in man.items() if k not in ("schema_version", "n", "dim", "dtype")})
+    return engine.open_run(dst)
+
+
+@pytest.mark.parametrize("dtype,min_pearson,max_rel", [("float16", 0.99999, 2e-3),
+                                                       ("bfloat16", 0.9999, 2e-2)])
+def test_low_precision_scores_agree_with_float32(projected_f32: engine.Run, tmp_path: Path,
+                                                 dtype: str, min_pearson: float, max_rel: float) -> None:
+    low = _as_dtype(projected_f32, dtype, tmp_path / dtype)
+    assert low.resident.dtype == getattr(torch, dtype)
+    ref, got = projected_f32.scores(), low.scores()  # (n_train, n_test)
+    pearson = float(np.corrcoef(ref.ravel(), got.ravel())[0, 1])
+    worst, overlap = 0.0, []
+    for j in range(ref.shape[1]):
+        for order in (np.argsort(ref[:, j])[:TOP], np.argsort(-ref[:, j])[:TOP]):
+            worst = max(worst, float(np.max(np.abs(got[order, j] - ref[order, j]) / np.abs(ref[order, j]))))
+        overlap.append(len(set(np.argsort(got[:, j])[:TOP]) & set(np.argsort(ref[:, j])[:TOP])) / TOP)
+    print(f"\n{dtype}: Pearson {pearson:.8f}, top-{TOP} max rel. error {worst:.2e}, "
+          f"helpful top-{TOP} overlap {np.mean(overlap):.4f}")
+    assert pearson >= min_pearson
+    assert worst <= max_rel
+
+
+def test_build_with_a_bfloat16_store(blobs_npz: Path, tmp_path: Path) -> None:
+    run = engine.build(str(blobs_npz), "logreg", tmp_path / "bf16", device="cpu", ihvp="projected",
+                       project=8, store_dtype="bfloat16", progress=False)
+    man = json.loads((run.path / MANIFEST_FILE).read_text())
+    assert man["dtype"] == "bfloat16" and np.load(run.path / GRADS_FILE).dtype == np.uint16
+    assert run.resident.dtype == torch.bfloat16
+    ref = engine.build(str(blobs_npz), "logreg", tmp_path / "f64", device="cpu", ihvp="projected",
+                       project=8, progress=False)
+    want = ref.scores([0, 1])
+    np.testing.assert_allclose(run.scores([0, 1]), want, rtol=0, atol=0.02 * np.abs(want).max())
