@@ -13,6 +13,7 @@ partial folder; a killed process (SIGKILL, out of memory, preemption) leaves it 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import shutil
@@ -75,7 +76,8 @@ def _accuracy(run_logits: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in RESUME_IGNORES}
+    """The settings as JSON holds them (tuples become lists), less what a resume may change."""
+    return {k: v for k, v in json.loads(json.dumps(config)).items() if k not in RESUME_IGNORES}
 
 
 def _resume_state(tmp: Path, config: BuildConfig, resume: bool) -> bool:

@@ -35,7 +35,7 @@ from .ihvp import (
     largest_eigenvalue,
 )
 from .models import make_module, make_objective, model_fingerprint, resolve_device, resolve_dtype
-from .query.topk import RunningTopK
+from .query.topk import helpful_harmful
 from .store.files import load_json, load_tensors
 from .store.gradients import open_store
 from .store.resident import ResidentStore
@@ -336,18 +336,12 @@ class Run:
                     ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         """Helpful and harmful top-k of ``scores = −G s`` for s (d, m), in one pass over the store.
 
-        One product ``sᵀ Gᵀ`` (m, b) per store block feeds both running top-k: the largest
-        products are the most negative scores (helpful), the smallest the most positive
-        (harmful); the full score matrix is never formed. Returns ``((values, ids), (values,
-        ids))`` for helpful (most negative first) and harmful (most positive first), each (k, m).
+        One product ``sᵀ Gᵀ`` (m, b) per store block feeds both running top-k
+        (:func:`~engine.query.topk.helpful_harmful`); the full score matrix is never formed.
+        Returns ``((values, ids), (values, ids))`` for helpful (most negative first) and
+        harmful (most positive first), each (k, m).
         """
-        helpful, harmful = RunningTopK(k, largest=True), RunningTopK(k, largest=False)
-        s_t = s.T.contiguous()  # (m, d)
-        for offset, prod in self.resident.products_t(s_t):  # (m, b) = sᵀ Gᵀ
-            helpful.update_t(offset, prod)
-            harmful.update_t(offset, prod)
-        (hv, hi), (av, ai) = helpful.result(), harmful.result()
-        return (-hv, hi), (-av, ai)
+        return helpful_harmful(self.resident.products_t(s.T.contiguous()), k)  # (m, d) rows
 
     def top_influences(self, g: torch.Tensor, *, top: int, ihvp: str | IHVPMethod | None = None
                        ) -> list[dict[str, list[dict[str, Any]]]]:

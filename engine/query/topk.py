@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-__all__ = ["RunningTopK", "streaming_topk", "merge_topk", "naive_topk"]
+__all__ = ["RunningTopK", "streaming_topk", "helpful_harmful", "merge_topk", "naive_topk"]
 
 
 class RunningTopK:
@@ -61,6 +61,25 @@ def streaming_topk(blocks: Iterable[tuple[int, torch.Tensor]], k: int, *, larges
     for offset, block in blocks:
         acc.update(offset, block)
     return acc.result()
+
+
+TopK = tuple[torch.Tensor, torch.Tensor]
+
+
+def helpful_harmful(products_t: Iterable[tuple[int, torch.Tensor]], k: int) -> tuple[TopK, TopK]:
+    """Helpful and harmful top-k of ``scores = −G s`` from blocks of ``sᵀGᵀ`` (m, b) in one pass.
+
+    ``products_t`` yields ``(row_offset, sᵀ G[rows]ᵀ)``; each block feeds both running top-k:
+    the largest products are the most negative scores (helpful), the smallest the most positive
+    (harmful), so no block is negated or kept. Returns ``((values, ids), (values, ids))`` for
+    helpful (most negative first) and harmful (most positive first), each (k, m), scores signed.
+    """
+    helpful, harmful = RunningTopK(k, largest=True), RunningTopK(k, largest=False)
+    for offset, prod in products_t:  # (m, b)
+        helpful.update_t(offset, prod)
+        harmful.update_t(offset, prod)
+    (hv, hi), (av, ai) = helpful.result(), harmful.result()
+    return (-hv, hi), (-av, ai)
 
 
 def merge_topk(parts: Sequence[tuple[torch.Tensor, torch.Tensor]], k: int, *, largest: bool
