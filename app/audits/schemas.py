@@ -15,13 +15,14 @@ MAX_NOTE = 10_000
 
 def _storable(text: str) -> str:
     """Text every audit database can store: PostgreSQL refuses NUL characters, and a lone
-    surrogate (``"\\ud800"`` is valid JSON) has no UTF-8 encoding."""
+    surrogate (``"\\ud800"`` is valid JSON) has no UTF-8 encoding (pydantic refuses it in some
+    fields, not in optional ones)."""
     if "\x00" in text:
         raise ValueError("text cannot contain NUL characters (\\u0000)")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise ValueError("text must be valid Unicode: it holds a lone surrogate (\\ud800..\\udfff)") from None
+        raise ValueError("text must be valid Unicode, not a lone surrogate (\\ud800..\\udfff)") from None
     return text
 
 
