@@ -493,9 +493,14 @@ def targets(methods: dict[str, dict[str, Any]]) -> dict[str, Any]:
         return res
     fastest = min(equal, key=lambda k: equal[k]["data_to_scores_s"])
     sp = equal[fastest]["data_to_scores_s"] / ours["data_to_scores_s"]
+    # the same on each method's fastest round: the least disturbed by other load on the machine
+    fastest_min = min(equal, key=lambda k: equal[k]["data_to_scores_min_s"])
+    sp_min = equal[fastest_min]["data_to_scores_min_s"] / ours["data_to_scores_min_s"]
     res["data_to_scores"] = {"target": f">= {SPEEDUP_TOTAL_TARGET}x faster than the fastest equal-accuracy peer",
                              "fastest_peer": fastest, "peer_s": equal[fastest]["data_to_scores_s"],
-                             "ours_s": ours["data_to_scores_s"], "speedup": sp, "met": sp >= SPEEDUP_TOTAL_TARGET}
+                             "ours_s": ours["data_to_scores_s"], "speedup": sp, "met": sp >= SPEEDUP_TOTAL_TARGET,
+                             "fastest_peer_on_min": fastest_min, "speedup_on_min": sp_min,
+                             "met_on_min": sp_min >= SPEEDUP_TOTAL_TARGET}
     per_peer = {k: v["query_s"] / ours["query_s"] for k, v in equal.items()}
     fastest_q = min(equal, key=lambda k: equal[k]["query_s"])
     res["query"] = {"target": f">= {SPEEDUP_QUERY_TARGET}x faster than the peer's own query step",
@@ -544,7 +549,9 @@ def format_table(report: dict[str, Any]) -> str:
         d = t["data_to_scores"]
         lines.append(f"target data→scores ≥ {SPEEDUP_TOTAL_TARGET:g}× vs fastest equal-accuracy peer "
                      f"({d['fastest_peer']}, {d['peer_s']:.3f} s): ours {d['ours_s']:.3f} s = "
-                     f"{d['speedup']:.2f}× -> {'MET' if d['met'] else 'NOT MET'}")
+                     f"{d['speedup']:.2f}× -> {'MET' if d['met'] else 'NOT MET'}; on each one's fastest round "
+                     f"(vs {d['fastest_peer_on_min']}): {d['speedup_on_min']:.2f}× -> "
+                     f"{'MET' if d['met_on_min'] else 'NOT MET'}")
         q = t["query"]
         lines.append(f"target query ≥ {SPEEDUP_QUERY_TARGET:g}× vs peers' own query: ours {q['ours_s']:.4f} s; "
                      + ", ".join(f"{k} {v:.1f}×" for k, v in q["speedup_vs_equal_accuracy_peers"].items())
