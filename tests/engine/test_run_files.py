@@ -195,9 +195,19 @@ def _garbage_pt(name: str):
     _empty_grads, _bad_json("manifest.json"), _bad_json("run.json"),
     _garbage_pt("model.pt"), _garbage_pt("curvature.pt"),
 ], ids=["empty-grads", "manifest-not-json", "run-json-not-json", "model-garbage", "curvature-garbage"])
-def test_corrupt_files_raise_run_error(run_copy, damage):
+def test_corrupt_files_raise_run_error(run_copy, damage, request):
     damage(run_copy)
-    with pytest.raises(engine.RunError):
+    name = {"empty-grads": "grads.npy", "manifest-not-json": "manifest.json",
+            "run-json-not-json": "run.json", "model-garbage": "model.pt",
+            "curvature-garbage": "curvature.pt"}[request.node.callspec.id]
+    with pytest.raises(engine.RunError, match=name.replace(".", r"\.")):  # names the file
+        engine.open_run(run_copy)
+
+
+def test_missing_curvature_raises_run_error(run_copy):
+    """An exact run without its Hessian is refused, not silently recomputed."""
+    (run_copy / "curvature.pt").unlink()
+    with pytest.raises(engine.RunError, match=r"curvature\.pt"):
         engine.open_run(run_copy)
 
 
