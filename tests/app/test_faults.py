@@ -213,7 +213,10 @@ def test_audits_survive_a_server_kill_mid_write(run_path: Path, db_url: str, tmp
     rng = random.Random(7)
     for kill in range(KILLS):
         with _server(run_path, db_url, log) as (proc, port), Writers(port, seed=kill) as writers:
-            time.sleep(rng.uniform(1.0, 2.5))
+            deadline = time.monotonic() + 60  # a loaded machine: wait for the first writes to land
+            while len(writers.created) < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.2, 1.5))  # then kill at a random point among the writes
             proc.send_signal(signal.SIGKILL)
             proc.wait()
         acknowledged.update(writers.created)
