@@ -15,6 +15,8 @@ One command runs the same model, data and θ̂ through every method and reports,
   the harmful (most positive) and helpful (most negative) lists per test point, and the relative
   Frobenius error.
 
+Imports are outside every clock: each worker imports scikit-learn, torch, ``torch._dynamo`` (which
+torch.optim's first optimizer otherwise imports lazily, 1–1.5 s) and the engine before timing.
 Every method runs in its own subprocess (so its peak memory is its own), and the methods are run
 round-robin for ``--rounds`` rounds so that load from other processes on the machine spreads over
 all of them; the table shows medians over rounds (and the minimum for data→scores).
@@ -278,9 +280,6 @@ def _logreg(theta: Any) -> Any:
 
 
 def worker_ours(shared: Path, settings: dict[str, Any], repeats: int) -> dict[str, Any]:
-    import sklearn.datasets  # noqa: F401 - imports are excluded from every method's timing
-    import torch  # noqa: F401
-
     import engine
 
     out = Path(tempfile.mkdtemp(dir=shared)) / "run"
@@ -294,7 +293,7 @@ def worker_ours(shared: Path, settings: dict[str, Any], repeats: int) -> dict[st
     t_first = time.perf_counter() - t
     total = t_build + t_first
     query, reps = _warm_median(run.scores, t_first, repeats)
-    rss, hwm = _mem()
+    hwm = _mem()[1]
     # the query alone on a freshly opened run: solver construction is part of its first call
     t = time.perf_counter()
     opened = engine.open_run(out)
@@ -311,7 +310,6 @@ def worker_ours(shared: Path, settings: dict[str, Any], repeats: int) -> dict[st
 
 def worker_train(shared: Path) -> dict[str, Any]:
     """Data → θ̂ in plain PyTorch: full-batch L-BFGS on mean cross-entropy + (λ/2)‖θ‖², float64."""
-    import sklearn.datasets  # noqa: F401
     import torch
     import torch.nn.functional as F
 
@@ -344,7 +342,6 @@ def worker_train(shared: Path) -> dict[str, Any]:
 
 
 def worker_pydvl(shared: Path, settings: dict[str, Any], repeats: int) -> dict[str, Any]:
-    import sklearn.datasets  # noqa: F401
     import torch
     import torch.nn.functional as F
     from pydvl.influence import InfluenceMode
@@ -370,13 +367,12 @@ def worker_pydvl(shared: Path, settings: dict[str, Any], repeats: int) -> dict[s
     raw = query().detach().numpy()
     t_first = time.perf_counter() - t
     q, reps = _warm_median(query, t_first, repeats)
-    rss, hwm = _mem()
+    hwm = _mem()[1]
     return {"scores": to_ours(raw, "pydvl", len(x)), "fit_s": t_fit, "first_query_s": t_first,
             "query_s": q, "query_repeats": reps, "peak_extra_mb": hwm - base, "peak_rss_mb": hwm}
 
 
 def worker_captum(shared: Path, settings: dict[str, Any], repeats: int) -> dict[str, Any]:
-    import sklearn.datasets  # noqa: F401
     import torch
     from captum.influence import NaiveInfluenceFunction
     from captum.influence._core.arnoldi_influence_function import ArnoldiInfluenceFunction
@@ -406,7 +402,7 @@ def worker_captum(shared: Path, settings: dict[str, Any], repeats: int) -> dict[
     raw = query().detach().numpy()
     t_first = time.perf_counter() - t
     q, reps = _warm_median(query, t_first, repeats)
-    rss, hwm = _mem()
+    hwm = _mem()[1]
     return {"scores": to_ours(raw, "captum", n), "fit_s": t_fit, "first_query_s": t_first,
             "query_s": q, "query_repeats": reps, "peak_extra_mb": hwm - base, "peak_rss_mb": hwm}
 
@@ -418,10 +414,19 @@ def worker_main(name: str, shared: Path, result: Path, repeats: int) -> None:
     import logging
 
     logging.disable(logging.WARNING)
+    # the same imports in every worker before any clock starts. torch.optim's first optimizer
+    # imports torch._dynamo lazily (1-1.5 s here): without this it lands in whichever timed step
+    # first builds one (our build's L-BFGS, the peers' training), not in a method's compute
+    import sklearn.datasets  # noqa: F401
+    import torch
+    import torch._dynamo
+
+    import engine  # noqa: F401
+
     if name == "train":
         res = worker_train(shared)
     else:
-        library, family, settings = METHODS[name]
+        _, family, settings = METHODS[name]
         fn = {"ours": worker_ours, "pydvl": worker_pydvl, "captum": worker_captum}[family]
         res = fn(shared, settings, repeats)
     arrays = {k: res.pop(k) for k in ("scores", "theta") if k in res}
@@ -439,7 +444,7 @@ def _run_worker(name: str, shared: Path, repeats: int, timeout: float) -> dict[s
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--shared", str(shared),
            "--result", str(result), "--repeats", str(repeats)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     if proc.returncode != 0:
@@ -517,19 +522,20 @@ def _fmt(v: float | None, spec: str) -> str:
 
 def format_table(report: dict[str, Any]) -> str:
     m = report["machine"]
+    pt = report["peer_training"]
     lines = [
-        f"peers benchmark: digits logreg ({report['case']['n_train']} train × {report['case']['n_test']} test, "
-        f"{report['case']['n_params']} params, float64, λ={WEIGHT_DECAY}); all scores, in-process, CPU",
-        f"machine: {m['cpu']}, {m['cores']} cores ({m.get('cores_usable')} usable, torch threads "
-        f"{report.get('torch_threads')}), torch {m.get('torch')}, captum {m.get('captum')}, pyDVL {m.get('pydvl')}, "
-        f"python {m['python']}; load avg {report['load_avg_before'][0]:.1f} → {report['load_avg_after'][0]:.1f}; "
-        f"{report['rounds']} rounds, medians",
-        f"peer training (plain PyTorch L-BFGS, incl. data): {_fmt(report['peer_training'].get('total_s'), '.3f')} s, "
-        f"{report['peer_training'].get('lbfgs_evals')} evals, ‖∇R‖ {_fmt(report['peer_training'].get('grad_norm'), '.1e')}, "
-        f"‖θ−θ̂‖/‖θ̂‖ {_fmt(report['peer_training'].get('theta_rel_diff_vs_ours'), '.1e')}",
+        (f"peers benchmark: digits logreg ({report['case']['n_train']} train × {report['case']['n_test']} test, "
+         f"{report['case']['n_params']} params, float64, λ={WEIGHT_DECAY}); all scores, in-process, CPU"),
+        (f"machine: {m['cpu']}, {m['cores']} cores ({m.get('cores_usable')} usable, torch threads "
+         f"{report.get('torch_threads')}), torch {m.get('torch')}, captum {m.get('captum')}, pyDVL {m.get('pydvl')}, "
+         f"python {m['python']}; load avg {report['load_avg_before'][0]:.1f} → {report['load_avg_after'][0]:.1f}; "
+         f"{report['rounds']} rounds, medians"),
+        (f"peer training (plain PyTorch L-BFGS, incl. data): {_fmt(pt.get('total_s'), '.3f')} s, "
+         f"{pt.get('lbfgs_evals')} evals, ‖∇R‖ {_fmt(pt.get('grad_norm'), '.1e')}, "
+         f"‖θ−θ̂‖/‖θ̂‖ {_fmt(pt.get('theta_rel_diff_vs_ours'), '.1e')}"),
         "",
-        f"{'method':<28} {'eq':>2} {'data→scores s':>14} {'(min)':>7} {'fit s':>7} {'query s':>8} "
-        f"{'peak MB':>8} {'pearson':>8} {'spearman':>8} {'top10+':>6} {'top10-':>6} {'rel err':>8} {'scale':>6}",
+        (f"{'method':<28} {'eq':>2} {'data→scores s':>14} {'(min)':>7} {'fit s':>7} {'query s':>8} "
+         f"{'peak MB':>8} {'pearson':>8} {'spearman':>8} {'top10+':>6} {'top10-':>6} {'rel err':>8} {'scale':>6}"),
     ]
     for name, r in report["methods"].items():
         if "error" in r:
@@ -543,8 +549,8 @@ def format_table(report: dict[str, Any]) -> str:
             f"{a['top10_harmful']:>6.3f} {a['top10_helpful']:>6.3f} {a['rel_error']:>8.1e} {a['fitted_scale']:>6.3f}")
     t = report["targets"]
     lines.append("")
-    lines.append("eq: relative error vs our exact ≤ %.0e; peak MB: added over the process baseline; "
-                 "query: warmed median, all test × all train" % EXACT_REL_TOL)
+    lines.append(f"eq: relative error vs our exact ≤ {EXACT_REL_TOL:.0e}; peak MB: added over the process "
+                 "baseline; query: warmed median, all test × all train")
     if "data_to_scores" in t:
         d = t["data_to_scores"]
         lines.append(f"target data→scores ≥ {SPEEDUP_TOTAL_TARGET:g}× vs fastest equal-accuracy peer "
