@@ -230,6 +230,9 @@ def test_audits_survive_a_server_kill_mid_write(run_path: Path, db_url: str, tmp
         assert not missing, f"acknowledged audits lost: {sorted(missing)[:5]}"
         lost = set(added) - notes
         assert not lost, f"acknowledged items lost: {sorted(lost)[:5]}"
+        print(f"kill {kill + 1}: {len(state)} audits in the database, {len(acknowledged)} acknowledged "
+              f"(+{len(state) - len(acknowledged)} committed but unanswered), {len(added)} added items "
+              f"acknowledged, none partial")  # shown with pytest -s
 
     # the restarted server reads every audit and still writes
     with _server(run_path, db_url, log) as (_, port):
