@@ -161,11 +161,20 @@ class Tab:
         assert self.problems == [], "\n".join(self.problems)
 
 
-@pytest.fixture
-def tab(browser: Any, server_url: str, screenshot_dirs: list[Path]) -> Iterator[Tab]:
+@contextmanager
+def open_tab(browser: Any, base: str, shot_dirs: list[Path]) -> Iterator[Tab]:
+    """A watched tab on ``base`` in a fresh browser context (its own storage), closed on exit."""
     context = browser.new_context(viewport=VIEWPORT)
     context.set_default_timeout(30_000)
-    t = Tab(context.new_page(), server_url, screenshot_dirs)
+    t = Tab(context.new_page(), base, shot_dirs)
     t.watch()
-    yield t
-    context.close()
+    try:
+        yield t
+    finally:
+        context.close()
+
+
+@pytest.fixture
+def tab(browser: Any, server_url: str, screenshot_dirs: list[Path]) -> Iterator[Tab]:
+    with open_tab(browser, server_url, screenshot_dirs) as t:
+        yield t

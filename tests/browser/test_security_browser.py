@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import VIEWPORT, Tab, serving
+from .conftest import Tab, open_tab, serving
 
 pytestmark = pytest.mark.browser
 
@@ -28,12 +28,8 @@ def keyed_url(browser_run: Path, tmp_path_factory: pytest.TempPathFactory) -> It
 
 @pytest.fixture
 def tab(browser: Any, keyed_url: str, screenshot_dirs: list[Path]) -> Iterator[Tab]:
-    context = browser.new_context(viewport=VIEWPORT)
-    context.set_default_timeout(30_000)
-    t = Tab(context.new_page(), keyed_url, screenshot_dirs)
-    t.watch()
-    yield t
-    context.close()
+    with open_tab(browser, keyed_url, screenshot_dirs) as t:
+        yield t
 
 
 def _mark(tab: Tab) -> None:
