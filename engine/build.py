@@ -27,12 +27,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import CONVEX_MODELS, BuildConfig, IHVPMethod, ModelKind
-from .data import fingerprint, load_data
-from .distributed import Comm, LocalComm, reduced_hvp, shard_rows
+from .data import Dataset, fingerprint, load_data
+from .distributed import Comm, LocalComm, reduced_hessian, reduced_hvp, shard_rows
 from .errors import InfluenceError, RunError
 from .grads.per_sample import per_sample_grads
 from .grads.projection import Projector
-from .ihvp import dense_hessian, full_hvp, largest_eigenvalue, projected_curvature
+from .ihvp import data_hessian, full_hvp, largest_eigenvalue, projected_curvature
 from .models import build_dtype, make_module, make_objective, model_fingerprint, model_kind, resolve_device
 from .models.svm import hinge_kkt_residual, hinge_objective, train_hinge_svm
 from .models.svm import to_flat as svm_to_flat
@@ -138,7 +138,7 @@ def build(data: str, model: str, out: str | Path, *, weight_decay: float = 1e-2,
             save_json(tmp / STATE_FILE, {"config": config.to_dict()})
     comm.barrier()
     try:
-        info = _build_into(tmp, config, progress=progress and comm.is_root, comm=comm)
+        info, ds = _build_into(tmp, config, progress=progress and comm.is_root, comm=comm)
         if comm.is_root:
             for leftover in (STATE_FILE, DONE_FILE):
                 (tmp / leftover).unlink(missing_ok=True)
@@ -160,9 +160,7 @@ def build(data: str, model: str, out: str | Path, *, weight_decay: float = 1e-2,
     comm.barrier()
     if not comm.is_root:
         return None  # type: ignore[return-value]
-    from .run import open_run
-
-    return open_run(out)
+    return Run(out, load_json(out / RUN_FILE), dataset=ds)  # the data as loaded, not read again
 
 
 def _store_dtype(config: BuildConfig, dtype: torch.dtype) -> str:
@@ -213,7 +211,9 @@ def _runs(rows: np.ndarray, size: int) -> list[slice]:
     return out
 
 
-def _build_into(folder: Path, config: BuildConfig, *, progress: bool, comm: Comm) -> dict[str, Any]:
+def _build_into(folder: Path, config: BuildConfig, *, progress: bool, comm: Comm
+                ) -> tuple[dict[str, Any], Dataset]:
+    """The run's ``run.json`` content (empty on ranks other than 0) and the loaded data."""
     state: dict[str, Any] = load_json(folder / STATE_FILE) if comm.is_root else {}
     timings: dict[str, float] = dict(state.get("timings", {}))
 
@@ -309,13 +309,15 @@ def _build_into(folder: Path, config: BuildConfig, *, progress: bool, comm: Comm
     curvature: dict[str, Any] = dict(state.get("curvature", {}))
     done = bool(comm.broadcast(torch.tensor([float("curvature" in state)], dtype=torch.float64)).item())
     if not done:
+        weight = (mine.stop - mine.start) / n  # this rank's share of the mean
         local = full_hvp(obj, theta, x, y, shift=0.0)
-        hvp = reduced_hvp(local, weight=(mine.stop - mine.start) / n, shift=shift, comm=comm)
+        hvp = reduced_hvp(local, weight=weight, shift=shift, comm=comm)
         curvature = {"method": config.ihvp.value, "shift": shift}
         if config.ihvp is IHVPMethod.EXACT:
             with tqdm(total=obj.n_params, desc="hessian", unit="col", disable=not progress,
                       file=sys.stderr) as bar:
-                h = dense_hessian(hvp, obj.n_params, dtype=dtype, device=dev, progress=bar.update)
+                h = reduced_hessian(data_hessian(obj, theta, x, y, progress=bar.update),
+                                    weight=weight, shift=shift, comm=comm)
             if comm.is_root:
                 save_tensors(folder / CURVATURE_FILE, {"hessian": h})
         elif config.ihvp is IHVPMethod.PROJECTED:
@@ -329,7 +331,7 @@ def _build_into(folder: Path, config: BuildConfig, *, progress: bool, comm: Comm
         record("curvature", curvature, curvature_s=time.perf_counter() - t)
     timings["total_s"] = sum(v for k, v in timings.items() if k != "total_s")
     if not comm.is_root:
-        return {}
+        return {}, ds
 
     return {
         "schema_version": RUN_SCHEMA,
@@ -353,4 +355,4 @@ def _build_into(folder: Path, config: BuildConfig, *, progress: bool, comm: Comm
         "versions": {"engine": ENGINE_VERSION, "torch": torch.__version__,
                      "numpy": np.__version__, "python": platform.python_version()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    }, ds

@@ -14,7 +14,8 @@ NCCL on GPUs (rank r uses ``cuda:LOCAL_RANK``), gloo on CPUs. How the work is sp
 - The curvature is reduced across processes: each rank applies the Hessian of its shard's mean
   loss and the results are summed with weights ``n_shard / n`` (``all_reduce``), then λ + δ is
   added once, so every Hessian-vector product (dense Hessian, ``PᵀHP``, the LiSSA scale) is the
-  full-batch one.
+  full-batch one; a dense Hessian formed per rank (the closed form of linear models) is reduced
+  the same way, as one (p, p) ``all_reduce``.
 - Rank 0 finishes the store, writes ``run.json`` last and renames the folder into place.
 
 A killed distributed build resumes like a local one (``--resume``), with any number of ranks.
@@ -34,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["Comm", "LocalComm", "TorchComm", "shard_rows", "launched_by_torchrun", "init_comm",
-           "reduced_hvp", "main"]
+           "reduced_hvp", "reduced_hessian", "main"]
 
 TIMEOUT_ENV = "INFLUENCE_DIST_TIMEOUT_S"  # rank 0 trains while the others wait: a long default
 DEFAULT_TIMEOUT_S = 4 * 3600
@@ -140,6 +141,16 @@ def reduced_hvp(local: Callable[[torch.Tensor], torch.Tensor], *, weight: float,
         return out + shift * vectors
 
     return hvp
+
+
+def reduced_hessian(local: torch.Tensor, *, weight: float, shift: float, comm: Comm) -> torch.Tensor:
+    """Σ_r w_r H_r + shift·I, symmetrised: ``local`` is this rank's dense data-loss Hessian (p, p)
+    (its shard's mean, no shift), ``weight`` its share n_shard / n. One process: ``local + shift·I``."""
+    from .ihvp.hessian import with_shift
+
+    if comm.world > 1:
+        local = comm.all_reduce_sum(weight * local)
+    return with_shift(local, shift)
 
 
 def build_distributed(data: str, model: str, out: str, **kwargs: Any) -> Any:

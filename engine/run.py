@@ -30,7 +30,7 @@ from .ihvp import (
     ProjectedSolver,
     Solver,
     batch_hvp,
-    dense_hessian,
+    full_hessian,
     full_hvp,
     largest_eigenvalue,
 )
@@ -48,6 +48,7 @@ THETA_FILE = "model.pt"
 SCRIPT_FILE = "model.ts"
 CURVATURE_FILE = "curvature.pt"
 RUN_SCHEMA = 1
+PRECONDITIONED_MAX_BYTES = 1 << 30  # an exact run keeps −G H⁻¹ beside a store up to this size
 
 
 def parse_method(name: str | IHVPMethod | None) -> IHVPMethod | None:
@@ -76,13 +77,17 @@ def _indices(index: int | Sequence[int] | np.ndarray | None, n: int, what: str) 
 class Run:
     """An opened run. Use :func:`open_run` or :func:`engine.build` to get one."""
 
-    def __init__(self, path: Path, info: dict[str, Any], *, device: str | None = None) -> None:
+    def __init__(self, path: Path, info: dict[str, Any], *, device: str | None = None,
+                 dataset: Dataset | None = None) -> None:
+        """``dataset``: the run's data when the caller already holds it (the build); its
+        fingerprint is checked like that of data loaded here."""
         self.path = path
         self.info = info
         self.config = BuildConfig.from_dict(info["config"])
         self.device = resolve_device(device or self.config.device)
         self.dtype = resolve_dtype(info["model"]["dtype"], self.device)
-        self.dataset: Dataset = load_data(self.config.data, seed=self.config.seed)
+        self.dataset: Dataset = (dataset if dataset is not None
+                                 else load_data(self.config.data, seed=self.config.seed))
         if fingerprint(self.dataset) != info["data"]["fingerprint"]:
             raise StaleRunError(
                 f"{path}: the data {self.config.data!r} changed since the run was built "
@@ -128,6 +133,8 @@ class Run:
         self._lock = threading.RLock()
         self._cache: dict[tuple[str, str], np.ndarray] = {}
         self._test_grads: torch.Tensor | None = None
+        self._precond: torch.Tensor | None = None  # −G H⁻¹, see preconditioned()
+        self._precond_checked = False
 
     # ------------------------------------------------------------------ basics
     @property
@@ -164,16 +171,21 @@ class Run:
     def solver(self, method: str | IHVPMethod | None = None, *, damping: float | None = None) -> Solver:
         """The (cached) solver for ``method`` (default: the run's own), for ``H + damping·I``
         (default: the run's damping δ; another value is a what-if, e.g. for the trust check)."""
-        m = parse_method(method) or self.default_method
-        if damping is not None and (not np.isfinite(damping) or damping < 0):
-            raise QueryError(f"damping must be a finite number ≥ 0, got {damping!r}")
-        key = (m, None if damping is None or damping == self.config.damping else float(damping))
+        key = self._solver_key(method, damping)
         if key in self._solvers:
             return self._solvers[key]
         with self._lock:
             if key not in self._solvers:
-                self._solvers[key] = self._make_solver(m, key[1])
+                self._solvers[key] = self._make_solver(*key)
         return self._solvers[key]
+
+    def _solver_key(self, method: str | IHVPMethod | None, damping: float | None
+                    ) -> tuple[IHVPMethod, float | None]:
+        """(method, damping) naming a solver: damping None is the run's own δ."""
+        m = parse_method(method) or self.default_method
+        if damping is not None and (not np.isfinite(damping) or damping < 0):
+            raise QueryError(f"damping must be a finite number ≥ 0, got {damping!r}")
+        return m, None if damping is None or damping == self.config.damping else float(damping)
 
     def _make_solver(self, m: IHVPMethod, damping: float | None) -> Solver:
         projected = self.projector is not None
@@ -192,8 +204,7 @@ class Run:
         elif m is IHVPMethod.EXACT:
             h = self._curvature.get("hessian")  # built with the run's own λ + δ
             if h is None:
-                hvp = full_hvp(self.objective, self.theta, self.x_train, self.y_train, shift=shift)
-                h = dense_hessian(hvp, self.objective.n_params, dtype=self.dtype, device=self.device)
+                h = full_hessian(self.objective, self.theta, self.x_train, self.y_train, shift=shift)
             elif damping is not None:
                 h = h + (damping - self.config.damping) * torch.eye(h.shape[0], dtype=h.dtype)
             solver = ExactSolver(h.to(self.device, self.dtype))
@@ -242,11 +253,40 @@ class Run:
             yield start, prod.neg_()  # (b, m)
 
     # ------------------------------------------------------------------ queries
+    def preconditioned(self) -> torch.Tensor | None:
+        """``−G H⁻¹`` (n, d) for the run's own exact curvature, or None where it is not kept.
+
+        With it a query for test gradients T (m, d) is one product, ``scores = (−G H⁻¹) Tᵀ``,
+        instead of a solve ``H⁻¹Tᵀ`` then a product with the store (same scores to rounding).
+        Made once (one Cholesky solve with n right-hand sides), at the first query that uses it,
+        and kept: the store's size again, so only for an exact run whose store is in the compute
+        dtype and at most ``PRECONDITIONED_MAX_BYTES``; None for every other run (projected,
+        half-precision or large stores), which scores block by block from the store.
+        """
+        if self._precond_checked:
+            return self._precond
+        with self._lock:
+            if not self._precond_checked:
+                solver = self.solver(IHVPMethod.EXACT) if self.default_method is IHVPMethod.EXACT else None
+                if (isinstance(solver, ExactSolver) and self.projector is None
+                        and self.resident.dtype == self.dtype
+                        and self.resident.nbytes <= PRECONDITIONED_MAX_BYTES):
+                    g = self.resident.data  # (n, d)
+                    self._precond = solver.solve(g.T.contiguous()).neg_().T  # (n, d), a view of (d, n)
+                self._precond_checked = True
+        return self._precond
+
     def scores_for_gradients(self, g: torch.Tensor, ihvp: str | IHVPMethod | None = None, *,
                              damping: float | None = None) -> torch.Tensor:
         """I_up,loss (n_train, m) for test gradients g (m, d)."""
-        s = self.solver(ihvp, damping=damping).solve(g.T.contiguous())  # (d, m) = H⁻¹ ∇L(z_test)
-        return torch.cat([b for _, b in self._score_blocks(s)])
+        solver = self.solver(ihvp, damping=damping)
+        if self._solver_key(ihvp, damping) == (IHVPMethod.EXACT, None):
+            a = self.preconditioned()
+            if a is not None:
+                return a @ g.T.to(a.dtype)  # (n, m): one product
+        s = solver.solve(g.T.contiguous())  # (d, m) = H⁻¹ ∇L(z_test)
+        blocks = [b for _, b in self._score_blocks(s)]
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
     def scores(self, test_index: int | Sequence[int] | np.ndarray | None = None,
                ihvp: str | IHVPMethod | None = None, *, damping: float | None = None) -> np.ndarray:

@@ -16,7 +16,12 @@ RESIDUAL_PROBE = 8  # seeded random right-hand sides whose residual ‖Hx − b�
 
 
 class ExactSolver:
-    """``H⁻¹B`` from a dense symmetric H (d, d)."""
+    """``H⁻¹B`` from a dense symmetric H (d, d).
+
+    The spectrum (``min_eigenvalue``, ``max_eigenvalue``, reported by :meth:`settings`) costs an
+    eigendecomposition several times the Cholesky factorisation, so a positive definite H
+    computes it only when first asked for.
+    """
 
     def __init__(self, hessian: torch.Tensor, *, method: IHVPMethod = IHVPMethod.EXACT) -> None:
         self.method = method
@@ -24,19 +29,18 @@ class ExactSolver:
         self.diagnostics: dict[str, Any] = {}
         self._chol: torch.Tensor | None = None
         self._eig: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._evals: tuple[float, float] | None = None
         factor, info = torch.linalg.cholesky_ex(hessian)
-        evals = torch.linalg.eigvalsh(hessian)
-        self.min_eigenvalue = float(evals[0])
-        self.max_eigenvalue = float(evals[-1])
         if int(info) == 0:
             self._chol = factor
         else:
-            if float(evals.abs().min()) <= 1e-12 * max(abs(self.max_eigenvalue), 1.0):
+            vals, vecs = torch.linalg.eigh(hessian)
+            self._evals = (float(vals[0]), float(vals[-1]))
+            if float(vals.abs().min()) <= 1e-12 * max(abs(self._evals[1]), 1.0):
                 raise SolverError(
-                    f"the Hessian is singular (smallest |eigenvalue| {float(evals.abs().min()):.3g}); "
+                    f"the Hessian is singular (smallest |eigenvalue| {float(vals.abs().min()):.3g}); "
                     "rebuild with --damping > 0 or a larger --weight-decay"
                 )
-            vals, vecs = torch.linalg.eigh(hessian)
             self._eig = (vals, vecs)
         # the factorisation's accuracy, measured once on a seeded probe: a query then costs one
         # solve (O(d²) per column) with no residual product on top
@@ -47,19 +51,34 @@ class ExactSolver:
         self.diagnostics = {"max_relative_residual": float(res.max()),
                             "residual_probe": RESIDUAL_PROBE}
 
+    def _spectrum(self) -> tuple[float, float]:
+        if self._evals is None:
+            vals = torch.linalg.eigvalsh(self.hessian)
+            self._evals = (float(vals[0]), float(vals[-1]))
+        return self._evals
+
+    @property
+    def min_eigenvalue(self) -> float:
+        return self._spectrum()[0]
+
+    @property
+    def max_eigenvalue(self) -> float:
+        return self._spectrum()[1]
+
     @property
     def positive_definite(self) -> bool:
         return self._chol is not None
 
     def settings(self) -> dict[str, Any]:
+        low, high = self._spectrum()
         return {
             "method": self.method.value,
             "dim": int(self.hessian.shape[0]),
             "factorisation": "cholesky" if self.positive_definite else "eigh",
             "positive_definite": self.positive_definite,
-            "min_eigenvalue": self.min_eigenvalue,
-            "max_eigenvalue": self.max_eigenvalue,
-            "condition_number": abs(self.max_eigenvalue / self.min_eigenvalue),
+            "min_eigenvalue": low,
+            "max_eigenvalue": high,
+            "condition_number": abs(high / low),
         }
 
     def _solve(self, b2: torch.Tensor) -> torch.Tensor:

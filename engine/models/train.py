@@ -1,8 +1,9 @@
 """Training to θ̂ for the built-in models, on the objective of the contract:
 ``R(θ) = (1/n) Σ_i L(z_i, θ) + (λ/2)‖θ‖²``.
 
-Convex models: full-batch L-BFGS, then Newton steps with a dense Hessian (when p is small)
-until ‖∇R‖ < 1e-10, so θ̂ is the optimum to working precision. Networks: Adam on minibatches
+Convex models: damped Newton with a dense Hessian until ‖∇R‖ < 1e-10, so θ̂ is the optimum to
+working precision; from the start when the Hessian has a closed form (linear models), else after
+full-batch L-BFGS (and only when p is small). Networks: Adam on minibatches
 (the L2 term inside the loss, not decoupled), then a full-batch L-BFGS polish towards a
 stationary point, since influence functions assume ∇R(θ̂) ≈ 0.
 """
@@ -15,13 +16,14 @@ from dataclasses import dataclass
 import torch
 
 from ..config import TrainConfig
-from ..ihvp.hvp import dense_hessian, full_hvp
+from ..ihvp.hessian import full_hessian, linear_layer
 from .objective import Objective
 
 __all__ = ["TrainResult", "objective_value_and_grad", "train_convex", "train_network",
            "NEWTON_MAX_PARAMS", "GRAD_TOL"]
 
 NEWTON_MAX_PARAMS = 5000  # dense Newton steps only below this many parameters
+NEWTON_FROM_START = 50  # Newton steps from the start before falling back to L-BFGS
 GRAD_TOL = 1e-10  # target ‖∇R‖ for convex models (the contract requires < 1e-8)
 
 Progress = Callable[[str], None]
@@ -70,38 +72,64 @@ def _lbfgs(objective: Objective, theta: torch.Tensor, x: torch.Tensor, y: torch.
     return param.detach().clone(), evals
 
 
+def _newton(objective: Objective, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *,
+            weight_decay: float, max_steps: int) -> tuple[torch.Tensor, float, torch.Tensor, int]:
+    """Damped Newton on R from θ: steps ``−H(θ)⁻¹∇R(θ)`` with backtracking (Armijo) until
+    ‖∇R‖ ≤ GRAD_TOL or ``max_steps``. Returns (θ, R(θ), ∇R(θ), steps)."""
+    value, g = objective_value_and_grad(objective, theta, x, y, weight_decay=weight_decay)
+    steps = 0
+    while float(g.norm()) > GRAD_TOL and steps < max_steps:
+        h = full_hessian(objective, theta, x, y, shift=weight_decay)
+        factor, info = torch.linalg.cholesky_ex(h)
+        step = (torch.cholesky_solve(g.unsqueeze(1), factor)[:, 0] if int(info) == 0
+                else torch.linalg.lstsq(h, g.unsqueeze(1)).solution[:, 0])  # (p,)
+        slope = float(g @ step)  # > 0 for a descent direction
+        if not slope > 0:
+            break  # H is not positive definite here: leave it to the caller's fallback
+        t = 1.0
+        while True:  # backtracking: sufficient decrease, or no increase beyond round-off
+            cand = theta - t * step
+            v_new, g_new = objective_value_and_grad(objective, cand, x, y, weight_decay=weight_decay)
+            if v_new <= value - 1e-4 * t * slope + 1e-14 * abs(value) or t < 1e-6:
+                break
+            t *= 0.5
+        theta, value, g = cand, v_new, g_new
+        steps += 1
+    return theta, value, g, steps
+
+
 def train_convex(objective: Objective, x: torch.Tensor, y: torch.Tensor, *, weight_decay: float,
                  log: Progress | None = None, warm: bool = False) -> TrainResult:
     """θ̂ of a convex model, from the module's current parameters (zero for ours).
 
-    ``warm``: the start is already near the optimum (leave-one-out retraining from θ̂), so go
-    straight to Newton steps when the model is small enough for them.
+    When the dense Hessian has a closed form (linear models, :func:`~engine.ihvp.hessian.linear_layer`)
+    and p ≤ NEWTON_MAX_PARAMS, damped Newton runs from the start (a few steps of ~10 ms each);
+    should it not reach GRAD_TOL in NEWTON_FROM_START steps (e.g. λ = 0 on separable data), or
+    for other models, L-BFGS runs first and Newton steps polish. ``warm``: the start is already
+    near the optimum (leave-one-out retraining from θ̂), so go straight to Newton steps when the
+    model is small enough for them.
     """
     theta = objective.flat_params()
-    evals = 0
-    if not (warm and objective.n_params <= NEWTON_MAX_PARAMS):
-        theta, evals = _lbfgs(objective, theta, x, y, weight_decay=weight_decay, steps=2000)
-    value, g = objective_value_and_grad(objective, theta, x, y, weight_decay=weight_decay)
-    if log:
-        log(f"L-BFGS: {evals} evaluations, |grad R| = {float(g.norm()):.2e}")
-    newton = 0
-    if objective.n_params <= NEWTON_MAX_PARAMS:
-        while float(g.norm()) > GRAD_TOL and newton < 30:
-            hvp = full_hvp(objective, theta, x, y, shift=weight_decay)
-            h = dense_hessian(hvp, objective.n_params, dtype=theta.dtype, device=theta.device)
-            step = torch.linalg.solve(h, g)
-            t = 1.0
-            while True:  # backtracking: accept the first step that does not raise R
-                cand = theta - t * step
-                v_new, g_new = objective_value_and_grad(objective, cand, x, y,
-                                                        weight_decay=weight_decay)
-                if v_new <= value + 1e-14 * abs(value) or t < 1e-6:
-                    break
-                t *= 0.5
-            theta, value, g = cand, v_new, g_new
-            newton += 1
+    small = objective.n_params <= NEWTON_MAX_PARAMS
+    evals = newton = 0
+    done = False
+    if small and (warm or linear_layer(objective) is not None):
+        theta, value, g, newton = _newton(objective, theta, x, y, weight_decay=weight_decay,
+                                          max_steps=NEWTON_FROM_START)
+        done = float(g.norm()) <= GRAD_TOL
         if log:
-            log(f"Newton: {newton} steps, |grad R| = {float(g.norm()):.2e}")
+            log(f"Newton from the start: {newton} steps, |grad R| = {float(g.norm()):.2e}")
+    if not done:
+        theta, evals = _lbfgs(objective, theta, x, y, weight_decay=weight_decay, steps=2000)
+        value, g = objective_value_and_grad(objective, theta, x, y, weight_decay=weight_decay)
+        if log:
+            log(f"L-BFGS: {evals} evaluations, |grad R| = {float(g.norm()):.2e}")
+        if small:
+            theta, value, g, polish = _newton(objective, theta, x, y, weight_decay=weight_decay,
+                                              max_steps=30)
+            newton += polish
+            if log:
+                log(f"Newton: {polish} steps, |grad R| = {float(g.norm()):.2e}")
     return TrainResult(theta, float(g.norm()), value, {"lbfgs_evals": evals, "newton_steps": newton})
 
 

@@ -244,7 +244,7 @@ def test_build_interrupted_at_curvature_leaves_nothing(npz, tmp_path, monkeypatc
         assert any((p / GRADS_FILE).exists() for p in tmp_path.iterdir())  # store was finished
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(build_module, "dense_hessian", interrupt)
+    monkeypatch.setattr(build_module, "data_hessian", interrupt)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         build_small(npz, out)
