@@ -23,7 +23,9 @@ __all__ = ["TrainResult", "objective_value_and_grad", "train_convex", "train_net
            "NEWTON_MAX_PARAMS", "GRAD_TOL"]
 
 NEWTON_MAX_PARAMS = 5000  # dense Newton steps only below this many parameters
-NEWTON_FROM_START = 50  # Newton steps from the start before falling back to L-BFGS
+NEWTON_FROM_START = 50  # Hessians Newton may form from the start before falling back to L-BFGS
+CHORD_SHRINK = 0.5  # reuse the last Hessian while each step at least halves ‖∇R‖
+CHORD_MAX_STEPS = 500  # Newton and chord steps together, at most
 GRAD_TOL = 1e-10  # target ‖∇R‖ for convex models (the contract requires < 1e-8)
 
 Progress = Callable[[str], None]
@@ -73,29 +75,47 @@ def _lbfgs(objective: Objective, theta: torch.Tensor, x: torch.Tensor, y: torch.
 
 
 def _newton(objective: Objective, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *,
-            weight_decay: float, max_steps: int) -> tuple[torch.Tensor, float, torch.Tensor, int]:
-    """Damped Newton on R from θ: steps ``−H(θ)⁻¹∇R(θ)`` with backtracking (Armijo) until
-    ‖∇R‖ ≤ GRAD_TOL or ``max_steps``. Returns (θ, R(θ), ∇R(θ), steps)."""
+            weight_decay: float, max_steps: int) -> tuple[torch.Tensor, float, torch.Tensor, int, int]:
+    """Damped Newton on R from θ until ‖∇R‖ ≤ GRAD_TOL, with at most ``max_steps`` Hessians.
+
+    A Newton step ``−H(θ)⁻¹∇R(θ)`` backtracks (Armijo) from the full step. While the gradient
+    keeps shrinking by CHORD_SHRINK or more per step, the next steps reuse the last Hessian's
+    Cholesky factor (chord steps: one gradient each, no new Hessian); a chord step that does not
+    decrease R enough, or shrinks the gradient less, hands over to a fresh Newton step. The fixed
+    point is the same optimum. Returns (θ, R(θ), ∇R(θ), Hessians formed, chord steps taken).
+    """
     value, g = objective_value_and_grad(objective, theta, x, y, weight_decay=weight_decay)
-    steps = 0
-    while float(g.norm()) > GRAD_TOL and steps < max_steps:
-        h = full_hessian(objective, theta, x, y, shift=weight_decay)
-        factor, info = torch.linalg.cholesky_ex(h)
-        step = (torch.cholesky_solve(g.unsqueeze(1), factor)[:, 0] if int(info) == 0
-                else torch.linalg.lstsq(h, g.unsqueeze(1)).solution[:, 0])  # (p,)
-        slope = float(g @ step)  # > 0 for a descent direction
-        if not slope > 0:
-            break  # H is not positive definite here: leave it to the caller's fallback
+    hessians = steps = chords = 0
+    factor: torch.Tensor | None = None
+    while float(g.norm()) > GRAD_TOL and steps < CHORD_MAX_STEPS:
+        fresh = factor is None
+        if factor is None:
+            if hessians == max_steps:
+                break
+            h = full_hessian(objective, theta, x, y, shift=weight_decay)
+            hessians += 1
+            factor, info = torch.linalg.cholesky_ex(h)
+            if int(info) != 0:
+                break  # H is not positive definite here: leave it to the caller's fallback
+        step = torch.cholesky_solve(g.unsqueeze(1), factor)[:, 0]  # (p,)
+        slope = float(g @ step)  # > 0: a descent direction
         t = 1.0
-        while True:  # backtracking: sufficient decrease, or no increase beyond round-off
+        while True:  # a chord step is taken whole or not at all; a Newton step backtracks
             cand = theta - t * step
             v_new, g_new = objective_value_and_grad(objective, cand, x, y, weight_decay=weight_decay)
-            if v_new <= value - 1e-4 * t * slope + 1e-14 * abs(value) or t < 1e-6:
+            if v_new <= value - 1e-4 * t * slope + 1e-14 * abs(value) or not fresh or t < 1e-6:
                 break
             t *= 0.5
-        theta, value, g = cand, v_new, g_new
         steps += 1
-    return theta, value, g, steps
+        if not fresh and not v_new <= value - 1e-4 * slope + 1e-14 * abs(value):
+            factor = None  # the old Hessian no longer gives descent: form a new one
+            continue
+        shrink = float(g_new.norm()) / max(float(g.norm()), torch.finfo(g.dtype).tiny)
+        theta, value, g = cand, v_new, g_new
+        chords += not fresh
+        if shrink > CHORD_SHRINK:
+            factor = None
+    return theta, value, g, hessians, chords
 
 
 def train_convex(objective: Objective, x: torch.Tensor, y: torch.Tensor, *, weight_decay: float,
@@ -103,34 +123,38 @@ def train_convex(objective: Objective, x: torch.Tensor, y: torch.Tensor, *, weig
     """θ̂ of a convex model, from the module's current parameters (zero for ours).
 
     When the dense Hessian has a closed form (linear models, :func:`~engine.ihvp.hessian.linear_layer`)
-    and p ≤ NEWTON_MAX_PARAMS, damped Newton runs from the start (a few steps of ~10 ms each);
-    should it not reach GRAD_TOL in NEWTON_FROM_START steps (e.g. λ = 0 on separable data), or
-    for other models, L-BFGS runs first and Newton steps polish. ``warm``: the start is already
+    and p ≤ NEWTON_MAX_PARAMS, damped Newton (:func:`_newton`, with chord steps) runs from the
+    start: on digits 2 Hessians of ~10 ms and a dozen gradients. Should it not reach GRAD_TOL
+    with NEWTON_FROM_START Hessians, or meet an H that is not positive definite (λ = 0), and for
+    other models, L-BFGS runs first and Newton steps polish. ``warm``: the start is already
     near the optimum (leave-one-out retraining from θ̂), so go straight to Newton steps when the
     model is small enough for them.
     """
     theta = objective.flat_params()
     small = objective.n_params <= NEWTON_MAX_PARAMS
-    evals = newton = 0
+    evals = newton = chords = 0
     done = False
     if small and (warm or linear_layer(objective) is not None):
-        theta, value, g, newton = _newton(objective, theta, x, y, weight_decay=weight_decay,
-                                          max_steps=NEWTON_FROM_START)
+        theta, value, g, newton, chords = _newton(objective, theta, x, y, weight_decay=weight_decay,
+                                                  max_steps=NEWTON_FROM_START)
         done = float(g.norm()) <= GRAD_TOL
         if log:
-            log(f"Newton from the start: {newton} steps, |grad R| = {float(g.norm()):.2e}")
+            log(f"Newton from the start: {newton} steps (+{chords} chord steps), "
+                f"|grad R| = {float(g.norm()):.2e}")
     if not done:
         theta, evals = _lbfgs(objective, theta, x, y, weight_decay=weight_decay, steps=2000)
         value, g = objective_value_and_grad(objective, theta, x, y, weight_decay=weight_decay)
         if log:
             log(f"L-BFGS: {evals} evaluations, |grad R| = {float(g.norm()):.2e}")
         if small:
-            theta, value, g, polish = _newton(objective, theta, x, y, weight_decay=weight_decay,
-                                              max_steps=30)
+            theta, value, g, polish, more = _newton(objective, theta, x, y,
+                                                    weight_decay=weight_decay, max_steps=30)
             newton += polish
+            chords += more
             if log:
                 log(f"Newton: {polish} steps, |grad R| = {float(g.norm()):.2e}")
-    return TrainResult(theta, float(g.norm()), value, {"lbfgs_evals": evals, "newton_steps": newton})
+    return TrainResult(theta, float(g.norm()), value,
+                       {"lbfgs_evals": evals, "newton_steps": newton, "chord_steps": chords})
 
 
 def train_network(objective: Objective, x: torch.Tensor, y: torch.Tensor, *, weight_decay: float,
