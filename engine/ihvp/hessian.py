@@ -31,9 +31,10 @@ from ..models.objective import Objective
 from .hvp import dense_hessian, full_hvp
 
 __all__ = ["linear_layer", "linear_hessian", "data_hessian", "full_hessian", "with_shift",
-           "OUTER_BUDGET"]
+           "OUTER_BUDGET", "GATHER_ELEMENTS"]
 
 OUTER_BUDGET = 1 << 24  # elements of per-sample outer products held at once (128 MiB in float64)
+GATHER_ELEMENTS = 1 << 22  # Hessian entries placed per gather (and the largest cached map)
 
 
 def linear_layer(objective: Objective) -> nn.Linear | None:
@@ -64,69 +65,80 @@ def _pair_index(i: torch.Tensor, j: torch.Tensor, k: int) -> torch.Tensor:
     return lo * k - lo * (lo - 1) // 2 + (hi - lo)
 
 
-@functools.lru_cache(maxsize=8)
-def _gather_map(n_classes: int, d: int, bias: bool) -> torch.Tensor:
-    """(p, p) positions into the flattened (K, F) pair table ``T[(c ≤ c'), (a ≤ b)]`` of each
-    Hessian entry in ``named_parameters()`` order (weight row-major (c, a), then bias c, which
-    is input feature a = D of the augmented x̃)."""
+def _gather_rows(n_classes: int, d: int, bias: bool, start: int, stop: int) -> torch.Tensor:
+    """(stop − start, p) positions into the flattened (K, F) pair table ``T[(c ≤ c'), (a ≤ b)]``
+    of Hessian rows ``start:stop`` in ``named_parameters()`` order (weight row-major (c, a),
+    then bias c, which is input feature a = D of the augmented x̃)."""
     d1 = d + bias
     idx = torch.arange(n_classes * d + (n_classes if bias else 0))
     cls = torch.where(idx < n_classes * d, idx // d, idx - n_classes * d)  # (p,)
     feat = torch.where(idx < n_classes * d, idx % d, torch.full_like(idx, d))  # (p,)
-    k = _pair_index(cls[:, None], cls[None, :], n_classes)  # (p, p)
-    f = _pair_index(feat[:, None], feat[None, :], d1)  # (p, p)
+    k = _pair_index(cls[start:stop, None], cls[None, :], n_classes)  # (b, p)
+    f = _pair_index(feat[start:stop, None], feat[None, :], d1)  # (b, p)
     return k * (d1 * (d1 + 1) // 2) + f
 
 
-def _kron_pairs(lam_u: torch.Tensor, xf: torch.Tensor, *, budget: int) -> torch.Tensor:
-    """``T[k, f] = Σ_i lam_u[i, k] x̃_ia x̃_ib`` (K, F) over feature pairs f = (a ≤ b) in
-    :func:`_pairs` order, for pair weights ``lam_u`` (n, K) and inputs ``xf`` (n, D1).
+_gather_cached = functools.lru_cache(maxsize=8)(_gather_rows)  # whole maps of small models
 
-    One product ``lam_uᵀ O`` with the samples' upper-triangular outer products O (n, F), in
-    sample chunks of at most ``budget`` elements of O.
-    """
-    n, d1 = xf.shape
-    width = d1 * (d1 + 1) // 2  # F
-    step = max(1, budget // width)
-    out = xf.new_zeros(lam_u.shape[1], width)  # (K, F)
-    for s in range(0, n, step):
-        xs = xf[s : s + step]  # (b, D1)
-        outer = xf.new_empty(len(xs), width)  # (b, F): x̃_ia x̃_ib for a ≤ b, row-major
-        start = 0
-        for a in range(d1):
-            torch.mul(xs[:, a:], xs[:, a : a + 1], out=outer[:, start : start + d1 - a])
-            start += d1 - a
-        out += lam_u[s : s + step].T @ outer
+
+def _assemble(table: torch.Tensor, n_classes: int, d: int, bias: bool) -> torch.Tensor:
+    """The (p, p) Hessian from its (K, F) pair table: one gather with a cached map when
+    p² ≤ GATHER_ELEMENTS, else row blocks of that many entries with maps made on the fly."""
+    p = n_classes * d + (n_classes if bias else 0)
+    flat = table.reshape(-1)
+    if p * p <= GATHER_ELEMENTS:
+        return flat[_gather_cached(n_classes, d, bias, 0, p).to(flat.device)]
+    out = flat.new_empty(p, p)
+    step = max(1, GATHER_ELEMENTS // p)
+    for s in range(0, p, step):
+        rows = slice(s, min(s + step, p))
+        out[rows] = flat[_gather_rows(n_classes, d, bias, rows.start, rows.stop).to(flat.device)]
     return out
 
 
 def linear_hessian(objective: Objective, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *,
-                   outer_budget: int = OUTER_BUDGET) -> torch.Tensor:
-    """∇²θ of the mean data loss (p, p) for a model :func:`linear_layer` accepts, in closed form
-    (``outer_budget``: see :func:`_kron_pairs`)."""
+                   budget: int = OUTER_BUDGET) -> torch.Tensor:
+    """∇²θ of the mean data loss (p, p) for a model :func:`linear_layer` accepts, in closed form.
+
+    Per chunk of samples: the logits, their loss curvature Λ_i for the class pairs c ≤ c'
+    (``lam`` (b, K)), the upper-triangular outer products x̃_ia x̃_ib, a ≤ b (``outer`` (b, F)),
+    and one product ``lamᵀ outer`` (K, F) added to the pair table; chunks hold at most
+    ``budget`` elements of either. The table is then spread into H's (p, p) layout.
+    """
     layer = linear_layer(objective)
     if layer is None:
         raise ValueError("linear_hessian needs a Sequential(Flatten, Linear) model")
     n_classes, d = layer.weight.shape
     bias = layer.bias is not None
     n = len(x)
-    xf = objective.as_input(x).reshape(n, -1)  # (n, D)
+    d1 = d + bias
+    width = d1 * (d1 + 1) // 2  # F
     w = theta[: n_classes * d].view(n_classes, d)
-    logits = xf @ w.T  # (n, C)
-    if bias:
-        logits = logits + theta[n_classes * d :]
-        xf = torch.cat([xf, xf.new_ones(n, 1)], 1)  # (n, D+1) = x̃
     y = y.to(objective.device)
+    ca, cb = _pairs(n_classes, objective.device)  # class pairs c ≤ c' (Λ symmetric)
 
     def loss_one(f: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return objective.loss_fn(f.unsqueeze(0), t.unsqueeze(0))
 
     # reverse over reverse: forward mode's first use costs ~0.1 s of one-off decomposition setup
-    lam = vmap(jacrev(jacrev(loss_one)))(logits, y)  # (n, C, C) = Λ_i
-    ca, cb = _pairs(n_classes, xf.device)  # class pairs c ≤ c' (Λ symmetric)
-    lam_u = lam[:, ca, cb] / n  # (n, K) with K = C(C+1)/2
-    table = _kron_pairs(lam_u, xf, budget=outer_budget)  # (K, F)
-    return table.view(-1)[_gather_map(n_classes, d, bias).to(table.device)]  # (p, p)
+    curvature = vmap(jacrev(jacrev(loss_one)))
+    table = theta.new_zeros(len(ca), width)  # (K, F)
+    step = max(1, budget // max(width, n_classes * n_classes))
+    for s in range(0, n, step):
+        xs = objective.as_input(x[s : s + step]).reshape(-1, d)  # (b, D)
+        logits = xs @ w.T  # (b, C)
+        if bias:
+            logits = logits + theta[n_classes * d :]
+            xs = torch.cat([xs, xs.new_ones(len(xs), 1)], 1)  # (b, D+1) = x̃
+        lam = curvature(logits, y[s : s + step])[:, ca, cb] / n  # (b, K): Λ_i[c, c'] / n
+        outer = xs.new_empty(len(xs), width)  # (b, F): x̃_ia x̃_ib for a ≤ b, row-major
+        start = 0
+        for a in range(d1):
+            torch.mul(xs[:, a:], xs[:, a : a + 1], out=outer[:, start : start + d1 - a])
+            start += d1 - a
+        table += lam.T @ outer
+    return _assemble(table, n_classes, d, bias)
+
 
 def data_hessian(objective: Objective, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *,
                  progress: Callable[[int], None] | None = None) -> torch.Tensor:

@@ -15,6 +15,7 @@ import engine
 from engine.config import BuildConfig
 from engine.distributed import Comm, LocalComm, reduced_hessian
 from engine.ihvp import ExactSolver, data_hessian, dense_hessian, full_hessian, full_hvp, linear_hessian
+from engine.ihvp import hessian as hessian_module
 from engine.ihvp.hessian import linear_layer
 from engine.models import make_module, make_objective
 from engine.models import train as train_module
@@ -58,13 +59,16 @@ def test_dense_hessian_equals_the_hvp_assembled_one(model: str) -> None:
                                rtol=0, atol=1e-12 * float(ref.abs().max()))
 
 
-def test_closed_form_in_small_sample_chunks_and_without_bias() -> None:
+def test_closed_form_in_small_sample_chunks_and_without_bias(monkeypatch: pytest.MonkeyPatch) -> None:
     x, y = _data(n=41, d=5, c=4)
     obj = _objective("logreg", d=5, c=4)
     theta = torch.randn(obj.n_params, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     ref = _hvp_hessian(obj, theta, x, y)
-    chunked = linear_hessian(obj, theta, x, y, outer_budget=3 * 21)  # 3 samples per chunk
+    chunked = linear_hessian(obj, theta, x, y, budget=3 * 21)  # 3 samples per chunk
     torch.testing.assert_close(chunked, ref, rtol=0, atol=1e-12 * float(ref.abs().max()))
+    monkeypatch.setattr(hessian_module, "GATHER_ELEMENTS", 2 * obj.n_params + 1)  # 2 rows a gather
+    blocks = linear_hessian(obj, theta, x, y)
+    torch.testing.assert_close(blocks, ref, rtol=0, atol=1e-12 * float(ref.abs().max()))
     torch.manual_seed(0)
     plain = Objective(nn.Sequential(nn.Flatten(), nn.Linear(5, 4, bias=False)), cross_entropy,
                       device=CPU, dtype=torch.float64)
