@@ -135,6 +135,7 @@ class Run:
         self._test_grads: torch.Tensor | None = None
         self._precond: torch.Tensor | None = None  # −G H⁻¹, see preconditioned()
         self._precond_checked = False
+        self._exact_columns = 0  # columns the run's own exact solver has scored (see scores_for_gradients)
 
     # ------------------------------------------------------------------ basics
     @property
@@ -258,10 +259,10 @@ class Run:
 
         With it a query for test gradients T (m, d) is one product, ``scores = (−G H⁻¹) Tᵀ``,
         instead of a solve ``H⁻¹Tᵀ`` then a product with the store (same scores to rounding).
-        Made once (one Cholesky solve with n right-hand sides), at the first query that uses it,
-        and kept: the store's size again, so only for an exact run whose store is in the compute
-        dtype and at most ``PRECONDITIONED_MAX_BYTES``; None for every other run (projected,
-        half-precision or large stores), which scores block by block from the store.
+        Made once (one Cholesky solve with n right-hand sides) and kept: the store's size again,
+        so only for an exact run whose store is in the compute dtype and at most
+        ``PRECONDITIONED_MAX_BYTES``; None for every other run (projected, half-precision or
+        large stores), which scores block by block from the store.
         """
         if self._precond_checked:
             return self._precond
@@ -278,10 +279,20 @@ class Run:
 
     def scores_for_gradients(self, g: torch.Tensor, ihvp: str | IHVPMethod | None = None, *,
                              damping: float | None = None) -> torch.Tensor:
-        """I_up,loss (n_train, m) for test gradients g (m, d)."""
+        """I_up,loss (n_train, m) for test gradients g (m, d).
+
+        With the run's own exact solver, the first queries solve ``H⁻¹gᵀ``; once they have
+        asked for n_train columns in all, the :meth:`preconditioned` store is made (it costs
+        about as much as solving n_train columns, so a run queried once never pays for it and
+        one queried often pays at most twice the cheaper choice) and each query after that
+        is one product.
+        """
         solver = self.solver(ihvp, damping=damping)
         if self._solver_key(ihvp, damping) == (IHVPMethod.EXACT, None):
-            a = self.preconditioned()
+            with self._lock:
+                self._exact_columns += g.shape[0]
+                ready = self._precond_checked or self._exact_columns >= self.n_train
+            a = self.preconditioned() if ready else None
             if a is not None:
                 return a @ g.T.to(a.dtype)  # (n, m): one product
         s = solver.solve(g.T.contiguous())  # (d, m) = H⁻¹ ∇L(z_test)

@@ -172,9 +172,9 @@ def _solve_path(run: engine.Run, damping: float | None = None) -> np.ndarray:
 
 def test_exact_query_is_one_product_with_the_preconditioned_store(blobs_run: engine.Run) -> None:
     ref = _solve_path(blobs_run)
-    scores = blobs_run.scores()
-    a = blobs_run.preconditioned()
+    a = blobs_run.preconditioned()  # made now (else after n_train queried columns)
     assert a is not None and a.shape == blobs_run.store.shape
+    scores = blobs_run.scores()
     np.testing.assert_allclose(scores, ref, rtol=0, atol=1e-12 * np.abs(ref).max())
     # the streaming solve path (what other methods and runs use) gives the same matrix
     s = blobs_run.solver().solve(blobs_run.test_gradients(np.arange(blobs_run.n_test)).T.contiguous())
@@ -183,6 +183,18 @@ def test_exact_query_is_one_product_with_the_preconditioned_store(blobs_run: eng
     cols = [3, 0, 3]
     np.testing.assert_allclose(blobs_run.scores(cols), ref[:, cols], rtol=0,
                                atol=1e-12 * np.abs(ref).max())
+
+
+def test_the_preconditioned_store_is_made_once_n_train_columns_were_asked(blobs_npz: Path,
+                                                                          tmp_path: Path) -> None:
+    run = engine.build(str(blobs_npz), "logreg", tmp_path / "r", progress=False)
+    ref = _solve_path(run)
+    per_query = run.n_test  # 40 columns a query, n_train = 150
+    for q in range(1, 5):
+        np.testing.assert_allclose(run.scores(), ref, rtol=0, atol=1e-12 * np.abs(ref).max())
+        assert (run._precond is not None) == (q * per_query >= run.n_train), q
+    run.scores(damping=0.3)  # other solvers neither count nor use it
+    assert run._exact_columns == 4 * per_query
 
 
 def test_a_damping_override_scores_with_its_own_hessian(blobs_run: engine.Run) -> None:
