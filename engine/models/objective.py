@@ -20,7 +20,7 @@ from typing import TypeVar
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, grad, grad_and_value, jvp, vmap
 
 from .losses import LossFn
 
@@ -264,3 +264,13 @@ class Objective:
             hv = torch.autograd.grad(gs, self._params, vectors[:, j], retain_graph=True)
             cols.append(torch.cat([h.reshape(-1) for h in hv]))
         return torch.stack(cols, dim=1)
+
+    def loss_value_and_grad(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean data loss over the batch (a detached scalar), its ∇θ (p,)), in one pass on the
+        functional path (``torch.func.grad_and_value``)."""
+        with self.holding():
+            if self.functional:
+                g, value = grad_and_value(self.mean_loss)(theta, x, y)
+                return value.detach(), g
+            return self.mean_loss(theta, x, y).detach(), self.loss_grad(theta, x, y)

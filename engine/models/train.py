@@ -49,8 +49,9 @@ def objective_value_and_grad(objective: Objective, theta: torch.Tensor, x: torch
     for start in range(0, n, chunk):
         xb, yb = x[start : start + chunk], y[start : start + chunk]
         w = len(xb) / n
-        value += w * float(objective.mean_loss(theta, xb, yb).detach())
-        g += w * objective.loss_grad(theta, xb, yb)
+        loss, grad = objective.loss_value_and_grad(theta, xb, yb)
+        value += w * float(loss)
+        g += w * grad
     return value, g
 
 

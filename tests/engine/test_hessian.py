@@ -92,6 +92,21 @@ def test_only_flatten_then_linear_counts_as_linear() -> None:
     assert linear_layer(make(*frozen)) is None
 
 
+@pytest.mark.parametrize("scripted", [False, True])
+def test_loss_value_and_grad_is_the_loss_and_its_gradient(scripted: bool) -> None:
+    torch.manual_seed(0)
+    module: nn.Module = nn.Sequential(nn.Flatten(), nn.Linear(6, 3))
+    if scripted:
+        module = torch.jit.script(module)
+    obj = Objective(module, cross_entropy, device=CPU, dtype=torch.float64)
+    assert obj.functional is not scripted
+    x, y = _data(n=30)
+    theta = torch.randn(obj.n_params, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    value, g = obj.loss_value_and_grad(theta, x, y)
+    torch.testing.assert_close(value, obj.mean_loss(theta, x, y).detach(), rtol=1e-14, atol=0)
+    torch.testing.assert_close(g, obj.loss_grad(theta, x, y), rtol=1e-13, atol=1e-15)
+
+
 def test_newton_from_the_start_reaches_the_lbfgs_optimum() -> None:
     x, y = _data(n=120)
     lam = 1e-2
