@@ -17,6 +17,7 @@ On open the manifest is checked against the file and against the fingerprints th
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,9 @@ def as_torch(array: np.ndarray, dtype: str) -> torch.Tensor:
     return torch.from_numpy(arr)
 
 
+CHECKPOINT_S = 1.0  # seconds between syncs of the store and its done flags while writing
+
+
 class StoreWriter:
     """Accepts row blocks in any order; ``finish`` makes the store visible.
 
@@ -83,6 +87,8 @@ class StoreWriter:
             self._done_path.unlink(missing_ok=True)
         self._array = np.lib.format.open_memmap(self._tmp, mode=mode, dtype=np_dtype, shape=(n, dim))
         self._done = np.lib.format.open_memmap(self._done_path, mode=mode, dtype=np.uint8, shape=(n,))
+        self._pending: list[slice] = []  # rows written but not yet synced and flagged
+        self._checkpointed = time.monotonic()
 
     def _matches(self, np_dtype: np.dtype) -> bool:
         if not (self._tmp.is_file() and self._done_path.is_file()):
@@ -101,17 +107,31 @@ class StoreWriter:
         return np.flatnonzero(part == 0).astype(np.int64) + start
 
     def write(self, rows: slice, block: torch.Tensor) -> None:
-        """Write ``block`` (b, dim) to ``rows`` and mark them done (data flushed before the flags)."""
+        """Write ``block`` (b, dim) to ``rows``; they are marked done at the next checkpoint."""
         values = to_store_numpy(block, self.dtype)
         if self.dtype == "float16" and not np.isfinite(values).all():
             raise RunError("a gradient does not fit in float16 (beyond ±65504); "
                            "use --store-dtype bfloat16 or float32")
         self._array[rows] = values
-        self._array.flush()
-        self._done[rows] = 1
-        self._done.flush()
+        self._pending.append(rows)
+        if time.monotonic() - self._checkpointed >= CHECKPOINT_S:
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Sync the rows written since the last checkpoint to disk, then flag them done (and sync
+        the flags): a flag on disk always means its row's data is on disk, even after a power cut.
+        Between checkpoints nothing is flagged, so a kill costs at most ``CHECKPOINT_S`` of work
+        (instead of a sync of the whole mapping for every block)."""
+        if self._pending:
+            self._array.flush()
+            for rows in self._pending:
+                self._done[rows] = 1
+            self._done.flush()
+            self._pending.clear()
+        self._checkpointed = time.monotonic()
 
     def finish(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        self.checkpoint()
         missing = int((self._done == 0).sum())
         if missing:
             raise RunError(f"gradient store incomplete: {missing} rows missing")
@@ -132,8 +152,7 @@ class StoreWriter:
 
     def close(self) -> None:
         """Release the memory maps without finishing (another process finishes)."""
-        self._array.flush()
-        self._done.flush()
+        self.checkpoint()
         del self._array, self._done
 
 

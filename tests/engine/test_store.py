@@ -58,6 +58,8 @@ def test_writer_resumes_the_rows_it_has(tmp_path: Path) -> None:
     w = StoreWriter(tmp_path, n=10, dim=3, dtype="float64")
     w.write(slice(0, 4), rows[:4])
     w.write(slice(6, 8), rows[6:8])
+    w.checkpoint()  # synced and flagged
+    w.write(slice(8, 9), rows[8:9])  # written but not yet synced: redone on resume
     del w  # the process dies here: no finish
     assert {p.name for p in tmp_path.iterdir()} == {PARTIAL_GRADS_FILE, DONE_FILE}
     again = StoreWriter(tmp_path, n=10, dim=3, dtype="float64", resume=True)
@@ -73,6 +75,7 @@ def test_writer_resumes_the_rows_it_has(tmp_path: Path) -> None:
 def test_writer_without_resume_starts_afresh(tmp_path: Path) -> None:
     w = StoreWriter(tmp_path, n=4, dim=2, dtype="float32")
     w.write(slice(0, 2), torch.ones(2, 2))
+    w.checkpoint()
     del w
     assert StoreWriter(tmp_path, n=4, dim=2, dtype="float32").missing().tolist() == [0, 1, 2, 3]
     assert StoreWriter(tmp_path, n=5, dim=2, dtype="float32", resume=True).missing().size == 5
@@ -192,3 +195,21 @@ def test_build_with_a_bfloat16_store(blobs_npz: Path, tmp_path: Path) -> None:
                        project=8, progress=False)
     want = ref.scores([0, 1])
     np.testing.assert_allclose(run.scores([0, 1]), want, rtol=0, atol=0.02 * np.abs(want).max())
+
+
+def test_rows_are_flagged_only_after_their_data_is_synced(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between checkpoints nothing is flagged; a checkpoint syncs the data before the flags."""
+    w = StoreWriter(tmp_path, n=6, dim=2, dtype="float32")
+    w.write(slice(0, 3), torch.ones(3, 2))
+    assert w.missing().tolist() == list(range(6))  # written, not yet checkpointed
+    order: list[str] = []
+    array_flush, done_flush = w._array.flush, w._done.flush
+    monkeypatch.setattr(w._array, "flush", lambda: (order.append("data"), array_flush())[1])
+    monkeypatch.setattr(w._done, "flush", lambda: (order.append("flags"), done_flush())[1])
+    w.checkpoint()
+    assert order == ["data", "flags"]
+    assert w.missing().tolist() == [3, 4, 5]
+    monkeypatch.setattr("engine.store.gradients.CHECKPOINT_S", 0.0)  # every write checkpoints
+    w.write(slice(3, 6), torch.ones(3, 2))
+    assert w.missing().size == 0
