@@ -26,7 +26,7 @@ import torch
 
 from .config import ModelKind
 from .errors import QueryError
-from .ihvp import ExactSolver, dense_hessian, full_hvp
+from .ihvp import ExactSolver, full_hessian
 from .models.svm import to_flat as svm_to_flat
 from .models.svm import train_hinge_svm
 from .models.train import NEWTON_MAX_PARAMS, _lbfgs
@@ -41,8 +41,8 @@ def _solver_at(run: Run, theta: torch.Tensor, x: torch.Tensor) -> ExactSolver:
         raise QueryError(f"attacks need a dense Hessian: this model has {run.objective.n_params} "
                          f"parameters (at most {NEWTON_MAX_PARAMS})")
     shift = run.config.weight_decay + run.config.damping
-    hvp = full_hvp(run.objective, theta, x, run.y_train, shift=shift)
-    return ExactSolver(dense_hessian(hvp, run.objective.n_params, dtype=run.dtype, device=run.device))
+    # closed form for linear models, assembled from Hessian-vector products otherwise
+    return ExactSolver(full_hessian(run.objective, theta, x, run.y_train, shift=shift))
 
 
 def _margin_grad(run: Run, theta: torch.Tensor, test_id: int) -> torch.Tensor:
