@@ -17,7 +17,8 @@ from typing import Any
 
 from starlette.exceptions import HTTPException
 
-__all__ = ["MAX_JSON_BODY", "MULTIPART_OVERHEAD", "UPLOAD_PATHS", "BodyLimit"]
+__all__ = ["ASGIApp", "MAX_JSON_BODY", "MULTIPART_OVERHEAD", "Message", "Receive", "Scope", "Send",
+           "UPLOAD_PATHS", "BodyLimit"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -18,21 +18,16 @@ from __future__ import annotations
 
 import hmac
 import secrets
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.middleware.cors import CORSMiddleware
 
 from .audits.store import Forbidden
+from .limits import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["Authorization", "SecurityHeaders", "WriterDep", "api_key", "bearer", "carries_api_key", "csp_nonce",
-           "install_security", "require_writer"]
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]],
-                   Awaitable[None]]
+__all__ = ["Authorization", "SecurityHeaders", "WriterDep", "api_key", "bearer", "carries_api_key",
+           "csp_nonce", "install_security", "require_writer"]
 
 Authorization = Annotated[str | None, Header(description="Bearer <edit token or API key>")]
 
@@ -97,8 +92,7 @@ class SecurityHeaders:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Message]],
-                       send: Callable[[Message], Awaitable[None]]) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return

@@ -39,14 +39,6 @@ class RunningTopK:
             v, i = torch.gather(v, 1, sel), torch.gather(i, 1, sel)
         self._values, self._indices = v, i
 
-    @property
-    def values(self) -> torch.Tensor | None:
-        return None if self._values is None else self._values.T
-
-    @property
-    def indices(self) -> torch.Tensor | None:
-        return None if self._indices is None else self._indices.T
-
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Values and row indices, each (min(k, n), m), best first."""
         if self._values is None or self._indices is None:

@@ -1,8 +1,8 @@
 """The gradient store: a memory-mapped (n, d) array plus a self-describing manifest.
 
 Written to ``grads.npy.tmp`` with a per-row done bitmap ``grads.npy.done`` (uint8, one byte per
-row, itself a memory map): a block of rows is written and flushed first, then its done bytes are
-set and flushed, so a killed build knows exactly which rows are in and a resumed one
+row, itself a memory map): about once a second the rows written since are flushed first, then
+their done bytes set and flushed, so a killed build knows which rows are in and a resumed one
 (:class:`StoreWriter` with ``resume=True``) computes only the others. Several processes may
 write disjoint row ranges of the same two files (the distributed build). ``finish`` renames
 ``grads.npy.tmp`` to ``grads.npy`` only when every row is in, drops the bitmap, then writes the
