@@ -67,7 +67,7 @@ def group_influence(run: Run, train_ids: Sequence[int], test_ids: Sequence[int],
     n, lam = run.n_train, run.config.weight_decay
     solver = run.solver(ihvp)
     g_test = run.test_gradients(tests)  # (m, d)
-    g_group = run.store[torch.as_tensor(group, device=run.device)].sum(dim=0)  # (d,)
+    g_group = run.resident.row_sum(torch.as_tensor(group, device=run.device))  # (d,)
     if order == 1:
         change = g_test @ solver.solve(g_group[:, None].contiguous())[:, 0] / n
     else:

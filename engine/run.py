@@ -115,7 +115,6 @@ class Run:
         # one pass per query, no disk reads; scores in blocks (see ResidentStore)
         self.resident = ResidentStore.load(array, self.manifest["dtype"], device=self.device,
                                            compute_dtype=self.dtype)  # (n, d)
-        self._store_compute: torch.Tensor | None = None
         proj = self.manifest.get("projection")
         self.projector = (Projector(self.objective.n_params, proj["k"], seed=proj["seed"],
                                     dtype=self.dtype, device=self.device) if proj else None)
@@ -138,17 +137,6 @@ class Run:
         self._exact_columns = 0  # columns the run's own exact solver has scored (see scores_for_gradients)
 
     # ------------------------------------------------------------------ basics
-    @property
-    def store(self) -> torch.Tensor:
-        """The store (n, d) in the compute dtype. For a float16/bfloat16 (or float32 on a float64
-        run) store this is a full upcast copy, made on first use and kept: the query paths of
-        this class never need it (they score from :attr:`resident` in blocks)."""
-        if self._store_compute is None:
-            with self._lock:
-                if self._store_compute is None:
-                    self._store_compute = self.resident.as_compute()
-        return self._store_compute
-
     @property
     def n_train(self) -> int:
         return self.dataset.n_train

@@ -43,6 +43,7 @@ from torch import nn
 
 from ..errors import IndexOutOfRange, QueryError
 from ..models.objective import Objective
+from ..store.resident import block_product
 from .topk import RunningTopK
 
 if TYPE_CHECKING:
@@ -150,10 +151,9 @@ def train_features(run: Run, space: str | Space = DEFAULT_SPACE) -> np.ndarray:
     sp: Space = _parse(Space, space)
 
     def compute() -> np.ndarray:
-        if sp is Space.GRADIENTS:
-            rows = run.store
-        else:
-            rows = penultimate_features(run.objective, run.theta, run.x_train)
+        if sp is Space.GRADIENTS:  # converted block by block: no full copy in the compute dtype
+            return run.resident.to_numpy(np.float32)
+        rows = penultimate_features(run.objective, run.theta, run.x_train)
         return np.ascontiguousarray(rows.detach().cpu().numpy(), dtype=np.float32)
 
     return run.cached(("knn-features", sp.value), compute)
@@ -270,13 +270,12 @@ def gradient_norm_order(run: Run) -> np.ndarray:
     """Training ids by decreasing store-row norm ‖∇L(z_i)‖ (int64 (n_train,)); cached on the run."""
 
     def compute() -> np.ndarray:
-        norms = torch.linalg.vector_norm(run.store, dim=1).cpu().double().numpy()  # (n,)
-        return np.argsort(-norms, kind="stable").astype(np.int64)
+        return np.argsort(-run.gradient_norms(), kind="stable").astype(np.int64)
 
     return run.cached(("knn-grad-norm-order", "store"), compute)
 
 
-# the pool's ids and a contiguous copy of their store rows, per run and pool size
+# the pool's ids and a contiguous copy of their store rows (store dtype), per run and pool size
 _POOLS: weakref.WeakKeyDictionary[Run, dict[int, tuple[np.ndarray, torch.Tensor]]] = (
     weakref.WeakKeyDictionary())
 
@@ -287,7 +286,7 @@ def _pool(run: Run, size: int) -> tuple[np.ndarray, torch.Tensor]:
         hit = per_run.get(size)
         if hit is None:
             ids = gradient_norm_order(run)[:size]
-            hit = per_run[size] = (ids, run.store[torch.as_tensor(ids, device=run.device)])  # (P, d)
+            hit = per_run[size] = (ids, run.resident.data[torch.as_tensor(ids, device=run.device)])
     return hit
 
 
@@ -317,11 +316,11 @@ def fastif_candidates(run: Run, test_index: int | Sequence[int] | np.ndarray, *,
     query = _query_features(run, sp, run.x_test[torch.as_tensor(idx, device=run.device)], g)  # (m, f)
     _, near = index.search(query, min(candidates, run.n_train))  # (m, c)
     # the pool's rows are one contiguous block, scored for every test point in one product
-    pool_scores = (-(outlier_rows @ s)).cpu().double().numpy() if outlier_rows is not None else None
+    pool_scores = (-block_product(outlier_rows, s)).cpu().double().numpy() if outlier_rows is not None else None
     out = []
     for j in range(len(idx)):
-        rows = run.store[torch.as_tensor(near[j], device=run.device)]  # (c, d)
-        ids, scores = near[j], (-(rows @ s[:, j])).cpu().double().numpy()  # (c,)
+        rows = torch.as_tensor(near[j], device=run.device)
+        ids, scores = near[j], (-run.resident.rows_product(rows, s[:, j : j + 1])[:, 0]).cpu().double().numpy()  # (c,)
         if outliers is not None and pool_scores is not None:
             new = ~np.isin(outliers, ids)
             ids = np.concatenate([ids, outliers[new]])

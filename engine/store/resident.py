@@ -103,10 +103,28 @@ class ResidentStore:
         """Store rows in the compute dtype ((b, d); a gather copies only those rows)."""
         return self.data[index].to(self.compute_dtype)
 
-    def as_compute(self) -> torch.Tensor:
-        """The whole store in the compute dtype: the resident tensor itself when the dtypes
-        agree, otherwise a full upcast copy (n × d in the compute dtype; avoid on large runs)."""
-        return self.data if self.data.dtype == self.compute_dtype else self.data.to(self.compute_dtype)
+    def rows_product(self, ids: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """``store[ids] @ s`` (c, m) for row ids (c,) and s (d, m): only those rows are gathered,
+        and multiplied as :meth:`products` multiplies a block (so the same numbers, to rounding)."""
+        return block_product(self.data[ids], s)
+
+    def row_sum(self, ids: torch.Tensor) -> torch.Tensor:
+        """``Σ store[ids]`` (d,) in the compute dtype, gathered and upcast a block at a time."""
+        out = torch.zeros(self.data.shape[1], dtype=self.compute_dtype, device=self.data.device)
+        step = self.block_rows()
+        for start in range(0, len(ids), step):
+            out += self.data[ids[start : start + step]].to(self.compute_dtype).sum(dim=0)
+        return out
+
+    def to_numpy(self, dtype: type = np.float32) -> np.ndarray:
+        """The whole store as a host array of ``dtype`` (n, d), converted a block at a time (the
+        only full-size arrays are the store and the result)."""
+        out = np.empty(tuple(self.data.shape), dtype=dtype)
+        step = self.block_rows()
+        target = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+        for start in range(0, self.data.shape[0], step):
+            out[start : start + step] = self.data[start : start + step].to(target).cpu().numpy()
+        return out
 
     def products(self, s: torch.Tensor, *, block: int | None = None
                  ) -> Iterator[tuple[int, torch.Tensor]]:

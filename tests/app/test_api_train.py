@@ -29,7 +29,7 @@ def test_train_point_self_influence_and_rank(client: TestClient, run: engine.Run
 def test_self_influence_is_minus_g_hinv_g(client: TestClient, run: engine.Run) -> None:
     """Independent of the engine's self-influence path: −gᵀH⁻¹g by a NumPy float64 dense solve."""
     h = run.solver("exact").hessian.cpu().double().numpy()  # (p, p)
-    g = run.store.cpu().double().numpy()  # (n, p) data-loss gradients
+    g = run.resident.data.cpu().double().numpy()  # (n, p) data-loss gradients
     want = -np.einsum("ij,ij->i", g, np.linalg.solve(h, g.T).T)
     got = [client.get(f"/api/v1/train-points/{i}").json()["self_influence"] for i in (1, 2, 3)]
     np.testing.assert_allclose(got, want[1:4], rtol=1e-8)
@@ -106,7 +106,7 @@ def test_train_routes_bad_input(client: TestClient, url: str, status: int) -> No
 def test_mislabel_baselines_rank_and_ride_along(client: TestClient, run: engine.Run, by: str) -> None:
     proba = run.predict_proba(run.dataset.x_train)
     loss = -np.log(proba[np.arange(N_TRAIN), run.dataset.y_train])  # cross-entropy, independently
-    norm = np.linalg.norm(run.store.cpu().double().numpy(), axis=1)
+    norm = np.linalg.norm(run.resident.data.cpu().double().numpy(), axis=1)
     body = client.get("/api/v1/self-influence", params={"top": 15, "by": by}).json()
     assert body["by"] == by
     values = loss if by == "loss" else norm

@@ -63,11 +63,11 @@ def test_projected_run_with_k_equal_p_reproduces_exact(blobs_npz: Path, blobs_ru
     p = blobs_run.objective.n_params
     proj = engine.build(str(blobs_npz), "logreg", tmp_path / "proj", ihvp="projected", project=p,
                         progress=False)
-    assert proj.store.shape == (blobs_run.n_train, p)
+    assert proj.resident.data.shape == (blobs_run.n_train, p)
     np.testing.assert_allclose(proj.scores([0, 5]), blobs_run.scores([0, 5]), rtol=1e-6, atol=1e-9)
     small = engine.build(str(blobs_npz), "logreg", tmp_path / "proj8", ihvp="projected", project=8,
                          progress=False)
-    assert small.store.shape == (blobs_run.n_train, 8)
+    assert small.resident.data.shape == (blobs_run.n_train, 8)
     corr = np.corrcoef(small.scores([0]).ravel(), blobs_run.scores([0]).ravel())[0, 1]
     assert 0.3 < corr < 1.0  # a sketch: correlated, not exact
     with pytest.raises(engine.QueryError, match="projected"):

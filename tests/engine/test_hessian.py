@@ -180,7 +180,7 @@ def _solve_path(run: engine.Run, damping: float | None = None) -> np.ndarray:
     h = run.solver("exact").hessian.double()
     if damping is not None:
         h = h + (damping - run.config.damping) * torch.eye(h.shape[0], dtype=torch.float64)
-    g = run.store.double()  # (n, d)
+    g = run.resident.data.double()  # (n, d)
     t = run.test_gradients(np.arange(run.n_test)).double()  # (m, d)
     return (-(g @ torch.linalg.solve(h, t.T))).numpy()
 
@@ -188,7 +188,7 @@ def _solve_path(run: engine.Run, damping: float | None = None) -> np.ndarray:
 def test_exact_query_is_one_product_with_the_preconditioned_store(blobs_run: engine.Run) -> None:
     ref = _solve_path(blobs_run)
     a = blobs_run.preconditioned()  # made now (else after n_train queried columns)
-    assert a is not None and a.shape == blobs_run.store.shape
+    assert a is not None and a.shape == blobs_run.resident.data.shape
     scores = blobs_run.scores()
     np.testing.assert_allclose(scores, ref, rtol=0, atol=1e-12 * np.abs(ref).max())
     # the streaming solve path (what other methods and runs use) gives the same matrix
@@ -223,7 +223,7 @@ def test_self_params_and_train_influence_agree_with_the_score_matrix(blobs_run: 
     scores = blobs_run.scores()
     np.testing.assert_allclose(blobs_run.train_influence(5), scores[5], rtol=1e-10, atol=1e-14)
     h = blobs_run.solver("exact").hessian.double()
-    g = blobs_run.store.double()
+    g = blobs_run.resident.data.double()
     np.testing.assert_allclose(blobs_run.params(5), -torch.linalg.solve(h, g[5]).numpy(),
                                rtol=1e-10, atol=1e-14)
     self_ref = -(g * torch.linalg.solve(h, g.T).T).sum(1).numpy()

@@ -98,7 +98,7 @@ def test_candidate_scores_equal_full_scan(blobs_run, space):
 
 
 def test_pool_adds_the_largest_gradient_norms(blobs_run):
-    norms = np.linalg.norm(blobs_run.store.numpy(), axis=1)
+    norms = np.linalg.norm(blobs_run.resident.data.numpy(), axis=1)
     pool = np.argsort(-norms)[:25]
     np.testing.assert_array_equal(gradient_norm_order(blobs_run)[:25], pool)
     idx = [4, 9]

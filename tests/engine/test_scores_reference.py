@@ -100,7 +100,7 @@ def test_cg_reports_a_small_true_residual(blobs_run: engine.Run) -> None:
 def test_self_influence_is_the_diagonal(blobs_run: engine.Run, reference) -> None:
     """I(z_i, z_i) from run.self_influence equals the diagonal of the train-as-test scores."""
     _, _ = reference
-    g = blobs_run.store  # (n, p)
+    g = blobs_run.resident.data  # (n, p)
     full = -(g @ blobs_run.solver("exact").solve(g.T.contiguous())).numpy()
     np.testing.assert_allclose(blobs_run.self_influence(), np.diag(full), rtol=1e-10)
     assert (blobs_run.self_influence() < 0).all()  # −gᵀH⁻¹g with H positive definite

@@ -13,6 +13,8 @@ import torch
 
 import engine
 from engine.grads.projection import ROW_BLOCK, Projector
+from engine.group import group_influence
+from engine.query.knn import fastif_candidates
 from engine.query.topk import naive_topk
 from engine.store.gradients import (
     DONE_FILE,
@@ -110,6 +112,19 @@ def test_resident_store_stays_in_its_dtype_and_blocks_cover_it() -> None:
     assert store.rows(slice(3, 5)).dtype == torch.float64
 
 
+def test_resident_gathers_sums_and_exports_block_by_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = torch.randn(1000, 8).to(torch.bfloat16)
+    store = ResidentStore(data, compute_dtype=torch.float64)
+    monkeypatch.setattr(store, "block_rows", lambda m=1: 300)  # several blocks, a short last one
+    ids = torch.tensor([999, 3, 3, 450, 0, 777, 301])
+    torch.testing.assert_close(store.row_sum(ids), data[ids].double().sum(0), rtol=1e-12, atol=1e-12)
+    s = torch.randn(8, 2, dtype=torch.float64)
+    torch.testing.assert_close(store.rows_product(ids, s), block_product(data, s)[ids],
+                               rtol=1e-6, atol=1e-6)
+    host = store.to_numpy(np.float32)
+    assert host.dtype == np.float32 and np.array_equal(host, data.float().numpy())
+
+
 def test_batched_topk_equals_a_full_sort(digits_run: engine.Run) -> None:
     run = digits_run
     idx = np.arange(0, 64)
@@ -183,6 +198,23 @@ def test_low_precision_scores_agree_with_float32(projected_f32: engine.Run, tmp_
           f"helpful top-{TOP} overlap {np.mean(overlap):.4f}")
     assert pearson >= min_pearson
     assert worst <= max_rel
+
+
+def test_fastif_and_groups_on_a_float16_run(projected_f32: engine.Run, tmp_path: Path) -> None:
+    """FastIF and group influence read a half-precision store row by row (no full upcast copy of
+    the store is ever made) and agree with the run's own block-product scores."""
+    low = _as_dtype(projected_f32, "float16", tmp_path / "f16")
+    tests = [0, 5]
+    full = low.scores(tests)  # (n_train, 2)
+    found = fastif_candidates(low, tests, candidates=50, pool=20)
+    for j, (ids, scores) in enumerate(found):
+        assert len(ids) > 50
+        np.testing.assert_allclose(scores, full[ids, j], rtol=1e-5, atol=1e-6 * np.abs(full).max())
+    group = found[0][0][:30]
+    res = group_influence(low, group.tolist(), tests)
+    got = [r["influence"] for r in res["results"]]
+    np.testing.assert_allclose(got, full[group].sum(axis=0), rtol=1e-5)
+    assert low.resident.dtype == torch.float16 and not hasattr(low, "store")
 
 
 def test_build_with_a_bfloat16_store(blobs_npz: Path, tmp_path: Path) -> None:
