@@ -15,7 +15,8 @@ import torch
 
 from .gradients import TORCH_DTYPES, as_torch
 
-__all__ = ["ResidentStore", "block_product", "block_product_t", "LOW_PRECISION"]
+__all__ = ["ResidentStore", "block_product", "block_product_t", "scaled_product",
+           "scaled_product_t", "LOW_PRECISION"]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 CPU_BLOCK_ELEMENTS = 1 << 22  # (rows × max(d, m)) per block on the CPU: ~32 MiB in float64
@@ -26,31 +27,52 @@ _MM_OUT_DTYPE: dict[str, bool] = {}  # device type → torch.mm(..., out_dtype=f
 
 
 def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` for low-precision a, b on a GPU: float32 accumulation and, where torch offers
-    ``mm(..., out_dtype=float32)``, a float32 result (else the low-precision one, upcast)."""
+    """``a @ b`` as float32 for low-precision a, b: ``mm(..., out_dtype=float32)`` where torch has
+    it for the device (tensor cores, float32 accumulation and result); otherwise the operands
+    upcast to float32 (never a float16 result, which can overflow, nor a bfloat16 one, which
+    rounds every score to 8 bits)."""
     key = a.device.type
     if _MM_OUT_DTYPE.get(key, True):
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
         except (RuntimeError, TypeError, NotImplementedError):
             _MM_OUT_DTYPE[key] = False
-    return (a @ b).float()
+    return a.float() @ b.float()
+
+
+def _unit_columns(s: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s / scale, scale)`` with scale = max |s| along ``dim`` (kept), in float32: query columns
+    scaled to max 1 so that casting them to float16 neither overflows (> 65504) nor flushes small
+    entries (< 6e-8) to zero; multiply the product by ``scale`` to put it back."""
+    scale = s.abs().amax(dim=dim, keepdim=True).float().clamp_min(torch.finfo(torch.float32).tiny)
+    return s.float() / scale, scale
+
+
+def scaled_product(rows: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``rows @ s`` (b, m), float32, for low-precision rows (b, d) and any s (d, m): the product
+    runs in the rows' dtype on unit-scaled query columns (see :func:`_unit_columns`)."""
+    unit, scale = _unit_columns(s, 0)  # (d, m), (1, m)
+    return _mm_float32(rows, unit.to(rows.dtype)) * scale
+
+
+def scaled_product_t(s_t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``s_t @ rowsᵀ`` (m, b), float32: :func:`scaled_product` transposed."""
+    unit, scale = _unit_columns(s_t, 1)  # (m, d), (m, 1)
+    return _mm_float32(unit.to(rows.dtype), rows.T) * scale
 
 
 def block_product(rows: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """``rows @ s`` for store rows (b, d) in the store dtype and s (d, m): (b, m).
 
     Full-precision rows: in the rows' dtype. Low-precision rows: float32 result; on the CPU the
-    block is upcast to float32; on a GPU the product runs in the store dtype (tensor cores,
-    float32 accumulation) with each column of s scaled to max |s| = 1 first, so that float16
-    neither overflows nor flushes small entries, and the scale is put back afterwards.
+    block is upcast to float32 (the CPU has no fast half-precision product); on a GPU
+    :func:`scaled_product` (tensor cores, float32 accumulation).
     """
     if rows.dtype not in LOW_PRECISION:
         return rows @ s.to(rows.dtype)
     if rows.device.type == "cpu":
         return rows.float() @ s.float()
-    scale = s.abs().amax(dim=0).float().clamp_min(torch.finfo(torch.float32).tiny)  # (m,)
-    return _mm_float32(rows, (s.float() / scale).to(rows.dtype)) * scale  # (b, m)
+    return scaled_product(rows, s)
 
 
 def block_product_t(s_t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -60,8 +82,7 @@ def block_product_t(s_t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return s_t.to(rows.dtype) @ rows.T
     if rows.device.type == "cpu":
         return s_t.float() @ rows.float().T
-    scale = s_t.abs().amax(dim=1, keepdim=True).float().clamp_min(torch.finfo(torch.float32).tiny)
-    return _mm_float32((s_t.float() / scale).to(rows.dtype), rows.T) * scale  # (m, b)
+    return scaled_product_t(s_t, rows)
 
 
 class ResidentStore:

@@ -112,26 +112,31 @@ def test_second_order_needs_full_gradients(tmp_path: Path, blobs_npz: Path) -> N
     assert len(group_influence(run, [1], [0], order=1)["results"]) == 1
 
 
-def test_concurrent_queries_agree_with_serial_ones(tmp_path: Path) -> None:
-    """A web server runs queries on many threads: torch.func's transforms and functional_call
-    are not thread-safe, so the engine serialises model calls. Eight threads explaining test
-    points of a small CNN at once get exactly the serial answers, and no error."""
+@pytest.mark.parametrize("ihvp,rounds,points", [("exact", 3, 20), ("cg", 1, 3)])
+def test_concurrent_queries_agree_with_serial_ones(tmp_path: Path, ihvp: str, rounds: int,
+                                                   points: int) -> None:
+    """A web server runs queries on many threads: functional_call swaps a module's parameters
+    and torch's forward-AD levels are process-wide, so each thread holds its own module copy and
+    Hessian-vector products use nested reverse mode. Eight threads explaining test points of a
+    small CNN at once get exactly the serial answers, and no error: with the exact solver (only
+    gradients at query time) and with CG (Hessian-vector products at query time, which failed
+    with "no level exists" while they were jvps)."""
     import threading
 
     rng = np.random.default_rng(0)
     x = rng.uniform(size=(60, 6, 6))
     y = (x[:, :3].mean(axis=(1, 2)) > x[:, 3:].mean(axis=(1, 2))).astype(np.int64)
     np.savez(tmp_path / "d.npz", X_train=x[:40], y_train=y[:40], X_test=x[40:], y_test=y[40:])
-    run = engine.build(str(tmp_path / "d.npz"), "cnn", tmp_path / "cnn", device="cpu",
+    run = engine.build(str(tmp_path / "d.npz"), "cnn", tmp_path / "cnn", device="cpu", ihvp=ihvp,
                        progress=False, train=engine.TrainConfig(epochs=2))
-    serial = {i: run.explain(i, top=5) for i in range(20)}
+    serial = {i: run.explain(i, top=5) for i in range(points)}
     errors: list[BaseException] = []
     results: dict[tuple[int, int], dict] = {}
 
     def worker(w: int) -> None:
         try:
-            for r in range(3):
-                for i in range(20):
+            for r in range(rounds):
+                for i in range(points):
                     results[(w * 10 + r, i)] = run.explain(i, top=5)
         except BaseException as exc:  # noqa: BLE001 - reported below, not lost with the thread
             errors.append(exc)
@@ -142,7 +147,7 @@ def test_concurrent_queries_agree_with_serial_ones(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     assert errors == []
-    assert len(results) == 8 * 3 * 20
+    assert len(results) == 8 * rounds * points
     for (_, i), got in results.items():
         assert [r["train_id"] for r in got["helpful"]] == [r["train_id"] for r in serial[i]["helpful"]]
         np.testing.assert_allclose([r["score"] for r in got["harmful"]],
