@@ -117,8 +117,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     k = a.k or (2048 if cuda else 512)
     repeats = a.repeats or (20 if cuda else 3)
     dtype = DTYPES[a.dtype]
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
     name = torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine())
     res: dict[str, Any] = {"device": str(device), "device_name": name, "n": n, "k": k,
                            "store_dtype": a.dtype, "torch": torch.__version__, "top": TOP}

@@ -389,6 +389,7 @@ class Run:
             raise QueryError(f"top must be at least 1, got {top}")
         s = self.solver(ihvp).solve(g.T.contiguous())  # (d, m)
         (hv, hi), (av, ai) = self.topk_scores(s, top)
+        hv, hi, av, ai = (t.cpu() for t in (hv, hi, av, ai))  # one copy each from the device
         labels = self.dataset.y_train
 
         def rows(vals: torch.Tensor, idx: torch.Tensor, j: int) -> list[dict[str, Any]]:

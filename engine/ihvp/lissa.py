@@ -72,7 +72,7 @@ class Lissa:
             for step in range(1, c.depth + 1):
                 idx = torch.randperm(self.n_train, generator=gen)[:batch]
                 x_new = b2 + (1.0 - c.damping) * x - self.hvp(x, idx) / self.scale
-                change = float(((x_new - x).norm(dim=0) / x_new.norm(dim=0).clamp_min(1e-300)).max())
+                change = float(((x_new - x).norm(dim=0) / x_new.norm(dim=0).clamp_min(torch.finfo(x_new.dtype).tiny)).max())
                 x = x_new
                 if known and rate**step < c.tol:
                     break  # the series' tail is below tol: more steps only add minibatch noise

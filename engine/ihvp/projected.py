@@ -31,5 +31,5 @@ def projected_curvature(hvp: HVP, projector: Projector, *, block: int = 128) -> 
 class ProjectedSolver(ExactSolver):
     """Solves in the projected space with the K×K curvature."""
 
-    def __init__(self, curvature: torch.Tensor) -> None:
-        super().__init__(curvature, method=IHVPMethod.PROJECTED)
+    def __init__(self, curvature: torch.Tensor, *, explicit_inverse: bool | None = None) -> None:
+        super().__init__(curvature, method=IHVPMethod.PROJECTED, explicit_inverse=explicit_inverse)

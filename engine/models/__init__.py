@@ -77,6 +77,12 @@ def build_dtype(config: BuildConfig, device: torch.device) -> torch.dtype:
 def make_objective(module: nn.Module, config: BuildConfig, *, device: torch.device,
                    dtype: torch.dtype) -> Objective:
     kind = model_kind(config.model)
+    if device.type == "cuda" and dtype == torch.float32:
+        # cuDNN runs float32 convolutions in TF32 (10-bit mantissa) unless told not to: per-sample
+        # gradients and Hessian-vector products of a CNN would lose ~3 digits, and the HVP its
+        # symmetry. (matmul TF32 is off by default; a user who turns it on keeps it.) The legacy
+        # flag is set, not cudnn.conv.fp32_precision: mixing the two APIs makes torch raise.
+        torch.backends.cudnn.allow_tf32 = False
     return Objective(module, make_loss(kind.value, svm_temperature=config.svm_temperature),
                      device=device, dtype=dtype)
 

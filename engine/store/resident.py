@@ -35,6 +35,8 @@ def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if _MM_OUT_DTYPE.get(key, True):
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
+        except torch.cuda.OutOfMemoryError:  # a RuntimeError too: not a sign the op is missing
+            raise
         except (RuntimeError, TypeError, NotImplementedError):
             _MM_OUT_DTYPE[key] = False
     return a.float() @ b.float()
@@ -166,5 +168,5 @@ class ResidentStore:
     def row_norms(self) -> torch.Tensor:
         """‖store row‖ (n,) in float64 computed block by block."""
         step = self.block_rows()
-        return torch.cat([torch.linalg.vector_norm(self.data[s : s + step].double(), dim=1)
+        return torch.cat([torch.linalg.vector_norm(self.data[s : s + step], dim=1, dtype=torch.float64)
                           for s in range(0, self.data.shape[0], step)])

@@ -104,3 +104,88 @@ def test_unknown_method_is_a_query_error(blobs_run: engine.Run) -> None:
         blobs_run.scores([0], ihvp="newton")
     with pytest.raises(engine.QueryError, match="--project"):
         blobs_run.scores([0], ihvp="projected")
+
+
+def test_block_cg_in_float32_stops_at_working_precision() -> None:
+    """A GPU run computes in float32, where the residual cannot reach the 1e-8 default: CG stops
+    at its attainable accuracy (4·eps·‖H‖‖x‖/‖b‖ per column) instead of running all max_iter
+    steps, reports converged and the tolerance it used, and float64 keeps 1e-8."""
+    a = _spd(120, 1e2)
+    b = torch.randn(120, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    solver = BlockCG(lambda v: a.float() @ v, CGConfig(max_iter=200))
+    x = solver.solve(b.float())
+    d = solver.diagnostics
+    assert d["converged"] and 1e-6 < d["tol_used"] < 1e-4
+    assert d["max_relative_residual"] <= d["tol_used"]
+    assert d["block_steps"] < 40  # 28 here; before the floor it ran until the space was exhausted
+    want = torch.linalg.solve(a, b)
+    assert float((x.double() - want).norm() / want.norm()) < 2e-5
+    f64 = BlockCG(lambda v: a @ v, CGConfig(max_iter=200))
+    f64.solve(b)
+    assert f64.diagnostics["tol_used"] == 1e-8 and f64.diagnostics["converged"]
+
+
+def test_a_float32_cg_run_converges(blobs_npz, tmp_path) -> None:
+    """An MLP run in float32 (what a GPU run computes in) answers a CG query converged."""
+    run = engine.build(str(blobs_npz), "mlp", tmp_path / "mlp32", device="cpu", ihvp="cg",
+                       dtype="float32", progress=False)
+    ref = engine.build(str(blobs_npz), "mlp", tmp_path / "mlp64", device="cpu", ihvp="cg",
+                       dtype="float64", progress=False)
+    got, want = run.scores([0, 1]), ref.scores([0, 1])
+    d = run.solver().diagnostics
+    assert d["converged"] and d["block_steps"] < 100, d
+    assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.999
+
+
+def test_block_cg_on_a_singular_indefinite_operator_gives_the_minimum_norm_solution() -> None:
+    """The projected matrix of an indefinite, rank-deficient H is not positive definite: the
+    symmetric pseudo-inverse (the same on every device) gives the minimum-norm solution of the
+    consistent system, like numpy's float64 pinv."""
+    g = torch.Generator().manual_seed(9)
+    q, _ = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=torch.float64))
+    evals = torch.cat([torch.linspace(-3, -1, 10, dtype=torch.float64), torch.zeros(5, dtype=torch.float64),
+                       torch.linspace(1, 5, 25, dtype=torch.float64)])
+    a = (q * evals) @ q.T
+    b = a @ torch.randn(40, 2, generator=g, dtype=torch.float64)  # in the range of a
+    solver = BlockCG(lambda v: a @ v, CGConfig(tol=1e-10))
+    x = solver.solve(b)
+    np.testing.assert_allclose(x.numpy(), np.linalg.pinv(a.numpy()) @ b.numpy(), rtol=1e-7, atol=1e-9)
+    assert solver.diagnostics["converged"]
+
+
+def test_a_singular_float32_hessian_is_refused() -> None:
+    """Singular to float32 precision (rank 150 of 200) is refused like a float64 one, not solved
+    into a residual of 15."""
+    g = torch.Generator().manual_seed(10)
+    u = torch.randn(200, 150, generator=g, dtype=torch.float64)
+    h = u @ u.T - 0.5 * torch.eye(200, dtype=torch.float64) * 0  # PSD, rank 150
+    h = h - 1e-3 * (u[:, :1] @ u[:, :1].T)  # keeps it singular; Cholesky fails
+    with pytest.raises(SolverError, match="singular"):
+        ExactSolver(h.float())
+    with pytest.raises(SolverError, match="singular"):
+        ExactSolver(h)
+
+
+def test_lissa_diagnostics_stay_finite_for_a_zero_column_in_float32() -> None:
+    a = _spd(10, 5.0).float()
+    b = torch.zeros(10, 2)
+    b[:, 1] = 1.0
+    solver = Lissa(lambda v, idx: a @ v, n_train=4, config=LissaConfig(depth=20, batch_size=4),
+                   scale=10.0, min_eigenvalue_bound=1.0)
+    solver.solve(b)
+    assert np.isfinite(solver.diagnostics["last_relative_change"])
+
+
+@pytest.mark.parametrize("shift", [0.0, 3.5])
+def test_the_explicit_inverse_solves_like_the_factorisation(shift: float) -> None:
+    """The GPU's solve (one product with H⁻¹, made once) equals the triangular / eigen solve:
+    positive definite (shift 0) and indefinite (shift 3.5)."""
+    a = _spd(40, 1e3) - shift * torch.eye(40, dtype=torch.float64)
+    b = torch.randn(40, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    plain, inverse = ExactSolver(a), ExactSolver(a, explicit_inverse=True)
+    assert not plain.settings()["explicit_inverse"] and inverse.settings()["explicit_inverse"]
+    want = torch.linalg.solve(a, b)
+    for solver in (plain, inverse):
+        np.testing.assert_allclose(solver.solve(b).numpy(), want.numpy(), rtol=1e-9, atol=1e-11)
+        assert solver.diagnostics["max_relative_residual"] < 1e-11
+    np.testing.assert_allclose(inverse.solve(b[:, 0]).numpy(), want[:, 0].numpy(), rtol=1e-9, atol=1e-11)

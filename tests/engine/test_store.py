@@ -25,7 +25,13 @@ from engine.store.gradients import (
     as_torch,
     open_store,
 )
-from engine.store.resident import ResidentStore, block_product, block_product_t
+from engine.store.resident import (
+    ResidentStore,
+    block_product,
+    block_product_t,
+    scaled_product,
+    scaled_product_t,
+)
 
 CPU = torch.device("cpu")
 TOP = 10
@@ -98,6 +104,28 @@ def test_block_products_match_float64(dtype: torch.dtype) -> None:
     for got in (block_product(rows, s), block_product_t(s.T, rows).T):
         assert got.dtype == (dtype if dtype in (torch.float64, torch.float32) else torch.float32)
         torch.testing.assert_close(got.double(), exact, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("magnitude", [1e-9, 1.0, 1e7])
+def test_scaled_products_survive_extreme_query_scales(dtype: torch.dtype, magnitude: float) -> None:
+    """The GPU path casts the query to the store dtype; scaled to unit columns first, queries of
+    any magnitude survive the cast (a plain float16 cast flushes 1e-9 to zero, 1e7 to inf).
+    Runs here on the CPU, where torch has no mm(out_dtype=) and the operands are upcast."""
+    gen = torch.Generator().manual_seed(2)
+    rows = torch.randn(200, 32, generator=gen).to(dtype)
+    s = torch.randn(32, 3, generator=gen, dtype=torch.float64) * magnitude
+    s[:, 1] *= 1e-3  # columns of different scales are scaled separately
+    exact = rows.double() @ s
+    tol = 1e-3 if dtype == torch.float16 else 1e-2
+    for got in (scaled_product(rows, s), scaled_product_t(s.T, rows).T):
+        assert got.dtype == torch.float32
+        for j in range(3):
+            torch.testing.assert_close(got[:, j].double(), exact[:, j], rtol=tol,
+                                       atol=tol * float(exact[:, j].abs().max()))
+    naive = rows.float() @ s.to(dtype).float()
+    if dtype == torch.float16 and magnitude != 1.0:
+        assert not torch.allclose(naive.double(), exact, rtol=0.1, atol=0.1 * float(exact.abs().max()))
 
 
 def test_resident_store_stays_in_its_dtype_and_blocks_cover_it() -> None:
@@ -245,3 +273,28 @@ def test_rows_are_flagged_only_after_their_data_is_synced(tmp_path: Path,
     monkeypatch.setattr("engine.store.gradients.CHECKPOINT_S", 0.0)  # every write checkpoints
     w.write(slice(3, 6), torch.ones(3, 2))
     assert w.missing().size == 0
+
+
+def test_an_out_of_memory_error_keeps_the_tensor_core_product(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mm(out_dtype=float32) failing because the op is missing switches to the upcast product for
+    good; failing for memory (a RuntimeError subclass too) is raised and switches nothing."""
+    from engine.store import resident
+
+    monkeypatch.setattr(resident, "_MM_OUT_DTYPE", {})
+    a, b = torch.randn(4, 3).half(), torch.randn(3, 2).half()
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(resident.torch, "mm", out_of_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        resident._mm_float32(a, b)
+    assert resident._MM_OUT_DTYPE == {}
+
+    def missing(*args, **kwargs):
+        raise NotImplementedError("Could not run 'aten::mm.dtype'")
+
+    monkeypatch.setattr(resident.torch, "mm", missing)
+    got = resident._mm_float32(a, b)
+    assert resident._MM_OUT_DTYPE == {"cpu": False} and got.dtype == torch.float32
+    torch.testing.assert_close(got, a.float() @ b.float())
