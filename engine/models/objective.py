@@ -15,8 +15,8 @@ import math
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterator
-from typing import TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -44,8 +44,13 @@ class ModulePool:
     (nested calls in that thread reuse it); at most ``size`` copies are ever made, and a thread
     that finds none free waits for one."""
 
-    def __init__(self, model: nn.Module, size: int = POOL_SIZE) -> None:
+    def __init__(self, model: nn.Module, size: int = POOL_SIZE, *,
+                 swapped: Iterable[torch.Tensor] = ()) -> None:
+        """``swapped``: the parameters every call passes to ``functional_call``; a copy holds
+        them as storage-less "meta" tensors (never read), so a copy costs the module's structure
+        and not its weights (the other parameters and the buffers are shared, read-only)."""
         self._model = model
+        self._swapped = {id(t) for t in swapped}
         self._size = size
         self._made = 0
         self._free: queue.LifoQueue[nn.Module] = queue.LifoQueue()
@@ -76,8 +81,18 @@ class ModulePool:
             self._made += make
         if make:
             with _MODEL_LOCK:  # nothing writes the shared module while it is copied
-                return copy.deepcopy(self._model)
+                return self._copy()
         return self._free.get()
+
+
+    def _copy(self) -> nn.Module:
+        memo: dict[int, Any] = {}
+        for t in self._model.parameters():
+            memo[id(t)] = (nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=t.requires_grad)
+                           if id(t) in self._swapped else t)
+        for t in self._model.buffers():
+            memo[id(t)] = t
+        return copy.deepcopy(self._model, memo)
 
 
 def serialised(fn: F) -> F:
@@ -110,7 +125,7 @@ class Objective:
         self.functional = not isinstance(self.model, torch.jit.ScriptModule)
         self._buffers = dict(self.model.named_buffers())
         self._params = [p for _, p in named]
-        self._pool = ModulePool(self.model) if self.functional else None
+        self._pool = ModulePool(self.model, swapped=self._params) if self.functional else None
 
     @contextlib.contextmanager
     def holding(self) -> Iterator[nn.Module]:

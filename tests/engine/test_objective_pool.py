@@ -57,3 +57,43 @@ def test_no_more_copies_than_the_size() -> None:
     for t in threads:
         t.join()
     assert 1 <= len(seen) <= 2
+
+
+def test_copies_hold_no_weights_of_their_own() -> None:
+    """A thread's copy keeps the trainable parameters (always passed to functional_call) as meta
+    tensors and shares frozen parameters and buffers: its answers equal the module's own, and
+    the copies of a 1M-parameter model (one per thread, up to the pool's size) cost no parameter
+    memory."""
+    from engine.models.losses import make_loss
+    from engine.models.objective import POOL_SIZE, Objective
+
+    torch.manual_seed(0)
+    frozen = nn.Linear(6, 1000)
+    frozen.requires_grad_(False)
+    model = nn.Sequential(frozen, nn.BatchNorm1d(1000), nn.Tanh(), nn.Linear(1000, 1000), nn.Tanh(),
+                          nn.Linear(1000, 3))
+    model[1].running_mean.uniform_(-0.5, 0.5)  # buffers that matter for the answer
+    obj = Objective(model, make_loss("mlp", svm_temperature=0.01), device=torch.device("cpu"),
+                    dtype=torch.float64)
+    theta = obj.flat_params()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+    copies = []
+    barrier = threading.Barrier(POOL_SIZE, timeout=10)
+
+    def worker() -> None:
+        with obj.holding() as module:
+            copies.append(module)
+            barrier.wait()  # every thread holds a copy at once
+            torch.testing.assert_close(obj.logits(theta, x).detach(), want)
+
+    threads = [threading.Thread(target=worker) for _ in range(POOL_SIZE)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(m) for m in copies}) == POOL_SIZE and model not in copies
+    for m in copies:
+        assert m[3].weight.device.type == "meta" and m[5].bias.device.type == "meta"
+        assert m[0].weight is frozen.weight and m[1].running_mean is model[1].running_mean
