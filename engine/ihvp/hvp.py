@@ -51,12 +51,21 @@ def full_hvp(
     """V (p, m) ↦ H V with H the full-batch Hessian of the data loss plus ``shift``·I.
 
     ``shift`` is λ + δ. Work is split into data chunks × tangent blocks (sized by
-    :func:`work_blocks` unless given) to bound memory and keep calls cache-friendly.
+    :func:`work_blocks` unless given) to bound memory and keep calls cache-friendly. A block of
+    fewer tangents than the budget allows gets proportionally larger data chunks (the same
+    sample × tangent pairs per call): one tangent over digits' 1,297 points in one call instead of
+    eleven took 3.0 instead of 13.1 ms (2,410-parameter MLP), which is what a single CG query does.
     """
     n = len(x)
     auto_chunk, auto_block = work_blocks(objective, x)
-    chunks = _blocks(n, data_chunk or auto_chunk)
     block = tangent_block or auto_block
+    pairs = auto_chunk * auto_block  # sample × tangent pairs per vmapped call
+    by_width: dict[int, list[slice]] = {}
+
+    def chunks_for(width: int) -> list[slice]:
+        if width not in by_width:
+            by_width[width] = _blocks(n, data_chunk or max(1, pairs // width))
+        return by_width[width]
 
     def hvp(vectors: torch.Tensor) -> torch.Tensor:
         squeeze = vectors.dim() == 1
@@ -64,7 +73,7 @@ def full_hvp(
         out = shift * v
         for cols in _blocks(v.shape[1], block):
             acc = torch.zeros_like(v[:, cols])
-            for c in chunks:
+            for c in chunks_for(cols.stop - cols.start):
                 w = (c.stop - c.start) / n  # the chunk's share of the mean
                 acc += w * objective.hvp(theta, v[:, cols], x[c], y[c])
             out[:, cols] += acc

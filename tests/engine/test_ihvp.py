@@ -189,3 +189,106 @@ def test_the_explicit_inverse_solves_like_the_factorisation(shift: float) -> Non
         np.testing.assert_allclose(solver.solve(b).numpy(), want.numpy(), rtol=1e-9, atol=1e-11)
         assert solver.diagnostics["max_relative_residual"] < 1e-11
     np.testing.assert_allclose(inverse.solve(b[:, 0]).numpy(), want[:, 0].numpy(), rtol=1e-9, atol=1e-11)
+
+
+def _counted(a: torch.Tensor):
+    calls = {"vectors": 0}
+
+    def hvp(v: torch.Tensor) -> torch.Tensor:
+        calls["vectors"] += v.shape[1]
+        return a @ v
+
+    return hvp, calls
+
+
+@pytest.mark.parametrize("shift", [0.0, 2.0])  # positive definite, and indefinite (eigh Galerkin)
+def test_recycled_krylov_bases_solve_later_queries_with_fewer_hvps(shift: float) -> None:
+    """A solver that keeps its basis answers later right-hand sides from it: the same answers
+    as a dense solve, far fewer Hessian-vector products, and none for a repeated query."""
+    a = _spd(150, 1e4, seed=3) - shift * torch.eye(150, dtype=torch.float64)
+    hvp, calls = _counted(a)
+    solver = BlockCG(hvp, CGConfig(tol=1e-10), recycle_bytes=1 << 24)
+    plain_hvps = []
+    gen = torch.Generator().manual_seed(12)
+    for i in range(6):
+        b = torch.randn(150, 1, generator=gen, dtype=torch.float64)
+        before = calls["vectors"]
+        x = solver.solve(b)
+        np.testing.assert_allclose(x.numpy(), torch.linalg.solve(a, b).numpy(), rtol=1e-6, atol=1e-9)
+        assert solver.diagnostics["converged"]
+        plain = BlockCG(lambda v: a @ v, CGConfig(tol=1e-10))
+        plain.solve(b)
+        plain_hvps.append(plain.diagnostics["hvps"])
+        if i == 0:
+            assert solver.diagnostics["recycled_dim"] == 0
+        last = calls["vectors"] - before
+    assert last < 0.5 * plain_hvps[-1]  # the sixth query needed under half the plain count
+    before = calls["vectors"]
+    solver.solve(b)  # a repeated query: answered on the kept basis alone
+    assert calls["vectors"] == before and solver.diagnostics["recycled_dim"] > 0
+
+
+def test_recycling_respects_its_budget_and_restarts() -> None:
+    a = _spd(80, 1e3, seed=4)
+    b = torch.randn(80, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
+    tiny = BlockCG(lambda v: a @ v, CGConfig(tol=1e-10), recycle_bytes=80 * 8 * 2 * 4)  # 4 vectors
+    tiny.solve(b)
+    tiny.solve(b)
+    assert tiny.diagnostics["recycled_dim"] == 0 and tiny.settings()["recycled_dim"] == 0
+    easy = _spd(80, 30.0, seed=4)
+    capped = BlockCG(lambda v: easy @ v, CGConfig(tol=1e-9, max_dim=20, max_iter=500),
+                     recycle_bytes=1 << 24)
+    for _ in range(3):  # each solve restarts when its basis would pass max_dim, kept basis or not
+        x = capped.solve(b)
+        np.testing.assert_allclose(x.numpy(), torch.linalg.solve(easy, b).numpy(), rtol=1e-6, atol=1e-9)
+        assert capped.diagnostics["converged"] and capped.diagnostics["krylov_dim"] <= 20
+    assert capped.diagnostics["recycled_dim"] > 0
+
+
+def test_concurrent_recycling_solves_stay_correct() -> None:
+    """Threads share one solver: each starts from a copy of the kept basis, never writes it."""
+    import threading
+
+    a = _spd(120, 1e3, seed=5)
+    solver = BlockCG(lambda v: a @ v, CGConfig(tol=1e-10), recycle_bytes=1 << 24)
+    gen = torch.Generator().manual_seed(14)
+    rhs = [torch.randn(120, 1, generator=gen, dtype=torch.float64) for _ in range(24)]
+    want = [torch.linalg.solve(a, b) for b in rhs]
+    errors: list[BaseException] = []
+
+    def worker(w: int) -> None:
+        try:
+            for i in range(w, 24, 4):
+                np.testing.assert_allclose(solver.solve(rhs[i]).numpy(), want[i].numpy(), rtol=1e-6, atol=1e-9)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert solver.settings()["recycled_dim"] > 0
+
+
+def test_narrow_hvps_take_larger_data_chunks(digits_run: engine.Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One tangent gets data chunks as large as the budget's sample × tangent pairs allow (fewer,
+    larger calls), with the same products as fixed small chunks."""
+    from engine.ihvp.hvp import work_blocks
+
+    run = digits_run
+    chunk, block = work_blocks(run.objective, run.x_train)
+    calls = []
+    real = run.objective.hvp
+    monkeypatch.setattr(run.objective, "hvp", lambda *a: (calls.append(a[2].shape[0]), real(*a))[1])
+    adaptive = full_hvp(run.objective, run.theta, run.x_train, run.y_train, shift=0.01)
+    fixed = full_hvp(run.objective, run.theta, run.x_train, run.y_train, shift=0.01, data_chunk=100)
+    gen = torch.Generator().manual_seed(15)
+    for width in (1, 7):
+        v = torch.randn(run.objective.n_params, width, generator=gen, dtype=torch.float64)
+        calls.clear()
+        got = adaptive(v)
+        expected_chunk = min(run.n_train, chunk * block // width)
+        assert max(calls) == expected_chunk and len(calls) == -(-run.n_train // expected_chunk)
+        torch.testing.assert_close(got, fixed(v), rtol=1e-12, atol=1e-14)
