@@ -10,6 +10,7 @@ import engine
 from engine.config import CGConfig, LissaConfig
 from engine.errors import SolverError
 from engine.ihvp import BlockCG, ExactSolver, Lissa, dense_hessian, full_hvp, largest_eigenvalue
+from tests.threads import run_in_threads
 
 
 def _spd(p: int, cond: float, seed: int = 0) -> torch.Tensor:
@@ -247,28 +248,17 @@ def test_recycling_respects_its_budget_and_restarts() -> None:
 
 def test_concurrent_recycling_solves_stay_correct() -> None:
     """Threads share one solver: each starts from a copy of the kept basis, never writes it."""
-    import threading
-
     a = _spd(120, 1e3, seed=5)
     solver = BlockCG(lambda v: a @ v, CGConfig(tol=1e-10), recycle_bytes=1 << 24)
     gen = torch.Generator().manual_seed(14)
     rhs = [torch.randn(120, 1, generator=gen, dtype=torch.float64) for _ in range(24)]
     want = [torch.linalg.solve(a, b) for b in rhs]
-    errors: list[BaseException] = []
 
     def worker(w: int) -> None:
-        try:
-            for i in range(w, 24, 4):
-                np.testing.assert_allclose(solver.solve(rhs[i]).numpy(), want[i].numpy(), rtol=1e-6, atol=1e-9)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        for i in range(w, 24, 4):
+            np.testing.assert_allclose(solver.solve(rhs[i]).numpy(), want[i].numpy(), rtol=1e-6, atol=1e-9)
 
-    threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    assert run_in_threads(worker, 4) == []
     assert solver.settings()["recycled_dim"] > 0
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from engine.models.objective import ModulePool
+from tests.threads import run_in_threads
 
 
 def test_threads_hold_different_copies_at_the_same_time() -> None:
@@ -18,24 +19,15 @@ def test_threads_hold_different_copies_at_the_same_time() -> None:
     pool = ModulePool(model, size=2)
     both_inside = threading.Barrier(2, timeout=10)  # raises if the second thread is kept out
     held: dict[int, nn.Module] = {}
-    errors: list[BaseException] = []
 
     def worker(w: int) -> None:
-        try:
-            with pool.hold() as m:
-                with pool.hold() as again:  # nested: the same copy, no second one taken
-                    assert again is m
-                held[w] = m
-                both_inside.wait()
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        with pool.hold() as m:
+            with pool.hold() as again:  # nested: the same copy, no second one taken
+                assert again is m
+            held[w] = m
+            both_inside.wait()
 
-    threads = [threading.Thread(target=worker, args=(w,)) for w in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    assert run_in_threads(worker, 2) == []
     assert held[0] is not held[1] and model not in held.values()
     assert torch.equal(held[0].weight, model.weight)  # copies of the module
 
@@ -45,17 +37,13 @@ def test_no_more_copies_than_the_size() -> None:
     seen: set[int] = set()
     lock = threading.Lock()
 
-    def worker() -> None:
+    def worker(_: int) -> None:
         for _ in range(50):
             with pool.hold() as m:
                 with lock:
                     seen.add(id(m))
 
-    threads = [threading.Thread(target=worker) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    assert run_in_threads(worker, 6) == []
     assert 1 <= len(seen) <= 2
 
 
@@ -82,17 +70,13 @@ def test_copies_hold_no_weights_of_their_own() -> None:
     copies = []
     barrier = threading.Barrier(POOL_SIZE, timeout=10)
 
-    def worker() -> None:
+    def worker(_: int) -> None:
         with obj.holding() as module:
             copies.append(module)
             barrier.wait()  # every thread holds a copy at once
             torch.testing.assert_close(obj.logits(theta, x).detach(), want)
 
-    threads = [threading.Thread(target=worker) for _ in range(POOL_SIZE)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    assert run_in_threads(worker, POOL_SIZE) == []
     assert len({id(m) for m in copies}) == POOL_SIZE and model not in copies
     for m in copies:
         assert m[3].weight.device.type == "meta" and m[5].bias.device.type == "meta"

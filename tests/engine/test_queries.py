@@ -12,6 +12,7 @@ import pytest
 import engine
 from engine.group import group_influence
 from engine.validate import group_removal
+from tests.threads import run_in_threads
 
 
 def test_predictions_are_cached_read_only_probabilities(blobs_run: engine.Run) -> None:
@@ -121,8 +122,6 @@ def test_concurrent_queries_agree_with_serial_ones(tmp_path: Path, ihvp: str, ro
     small CNN at once get exactly the serial answers, and no error: with the exact solver (only
     gradients at query time) and with CG (Hessian-vector products at query time, which failed
     with "no level exists" while they were jvps)."""
-    import threading
-
     rng = np.random.default_rng(0)
     x = rng.uniform(size=(60, 6, 6))
     y = (x[:, :3].mean(axis=(1, 2)) > x[:, 3:].mean(axis=(1, 2))).astype(np.int64)
@@ -130,23 +129,14 @@ def test_concurrent_queries_agree_with_serial_ones(tmp_path: Path, ihvp: str, ro
     run = engine.build(str(tmp_path / "d.npz"), "cnn", tmp_path / "cnn", device="cpu", ihvp=ihvp,
                        progress=False, train=engine.TrainConfig(epochs=2))
     serial = {i: run.explain(i, top=5) for i in range(points)}
-    errors: list[BaseException] = []
     results: dict[tuple[int, int], dict] = {}
 
     def worker(w: int) -> None:
-        try:
-            for r in range(rounds):
-                for i in range(points):
-                    results[(w * 10 + r, i)] = run.explain(i, top=5)
-        except BaseException as exc:  # noqa: BLE001 - reported below, not lost with the thread
-            errors.append(exc)
+        for r in range(rounds):
+            for i in range(points):
+                results[(w * 10 + r, i)] = run.explain(i, top=5)
 
-    threads = [threading.Thread(target=worker, args=(w,)) for w in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    assert run_in_threads(worker, 8) == []
     assert len(results) == 8 * rounds * points
     # exact: the same numbers; CG: the same to its tolerance (each solve starts from the Krylov
     # basis earlier queries left, so the last digits depend on which queries came first)
