@@ -47,6 +47,11 @@ class CGConfig:
     tol: float = 1e-8  # stop when every column's ‖Hx − b‖ / ‖b‖ is below this
     max_iter: int = 200  # block steps (each applies H to one block of directions)
     max_dim: int = 4096  # restart when the Krylov basis would exceed this many vectors
+    # every query starts from one frozen deflation basis: the block Krylov space of `prime` seeded
+    # random columns, built at the first query (0 turns it off), kept within basis_mb (Q and HQ)
+    prime: int = 32
+    prime_seed: int = 0
+    basis_mb: int = 256
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,6 @@ SCRIPT_FILE = "model.ts"
 CURVATURE_FILE = "curvature.pt"
 RUN_SCHEMA = 1
 PRECONDITIONED_MAX_BYTES = 1 << 30  # an exact run keeps −G H⁻¹ beside a store up to this size
-CG_RECYCLE_BYTES = 1 << 28  # a CG solver keeps a Krylov basis (Q and HQ) up to this size for later queries
 
 
 def parse_method(name: str | IHVPMethod | None) -> IHVPMethod | None:
@@ -200,7 +199,7 @@ class Run:
             solver = ExactSolver(h.to(self.device, self.dtype))
         elif m is IHVPMethod.CG:
             solver = BlockCG(full_hvp(self.objective, self.theta, self.x_train, self.y_train,
-                                      shift=shift), self.config.cg, recycle_bytes=CG_RECYCLE_BYTES)
+                                      shift=shift), self.config.cg)
         else:
             cfg = self.config.lissa
             scale = cfg.scale or self.info.get("curvature", {}).get("lissa_scale")
