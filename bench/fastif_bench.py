@@ -163,7 +163,7 @@ def one(n_train: int, *, model: str, tests: int, top: int, candidates: list[int]
             "build_s": build_s, "build_timings": run.info["timings"], "index_build_s": index_s,
             "knn_backend": index.backend, "faiss": faiss_available(),
             "full_ms": _median_ms(full_t), "solve_ms": _median_ms(solve_t),
-            "store_mb": run.store.numel() * run.store.element_size() / 2**20,
+            "store_mb": run.resident.nbytes / 2**20,
             "fastif": rows, "torch_threads": torch.get_num_threads(),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }

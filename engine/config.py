@@ -51,7 +51,8 @@ class CGConfig:
     # random columns, built at the first query (0 turns it off), kept within basis_mb (Q and HQ)
     prime: int = 32
     prime_seed: int = 0
-    basis_mb: int = 256
+    prime_dim: int = 1024  # at most this many basis vectors (and max_dim / 2): bounds the first query's cost
+    basis_mb: int = 256  # Q, HQ, QᵀHQ and its factor
 
 
 @dataclass(frozen=True)

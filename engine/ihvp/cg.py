@@ -22,6 +22,7 @@ extended block by block, so a step costs no refactorisation.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from typing import Any
@@ -57,9 +58,11 @@ def _galerkin_solve(t: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
 
 class _Basis:
     """An orthonormal search basis Q (p, k) with HQ, T = QᵀHQ and, while T is positive definite,
-    its lower Cholesky factor; grown in place (capacity doubling), never shrunk."""
+    its lower Cholesky factor; grown in place (capacity doubling up to ``limit`` vectors)."""
 
-    def __init__(self, p: int, *, like: torch.Tensor, capacity: int = 64) -> None:
+    def __init__(self, p: int, *, like: torch.Tensor, capacity: int = 64, limit: int | None = None) -> None:
+        self.limit = limit if limit is not None else capacity
+        capacity = min(capacity, self.limit)
         self.k = 0
         self.h_norm = 0.0  # a lower bound on ‖H‖: the largest ‖H q‖ over unit basis vectors q
         self.positive = True  # T positive definite so far (then ``chol`` is valid)
@@ -69,10 +72,11 @@ class _Basis:
         self.chol = like.new_zeros(capacity, capacity)
 
     @classmethod
-    def copy_of(cls, other: _Basis, *, room: int) -> _Basis:
-        """A basis of its own holding ``other``'s vectors, with room for ``room`` more."""
+    def copy_of(cls, other: _Basis, *, room: int, limit: int) -> _Basis:
+        """A basis of its own holding ``other``'s vectors, with room for ``room`` more (its
+        capacity never past ``limit``, or ``other.k`` when that is larger)."""
         k = other.k
-        new = cls(other.q.shape[0], like=other.q, capacity=k + max(room, 1))
+        new = cls(other.q.shape[0], like=other.q, capacity=k + max(room, 1), limit=max(limit, k))
         new.q[:, :k], new.hq[:, :k] = other.q[:, :k], other.hq[:, :k]
         new.t[:k, :k], new.chol[:k, :k] = other.t[:k, :k], other.chol[:k, :k]
         new.k, new.h_norm, new.positive = k, other.h_norm, other.positive
@@ -88,13 +92,20 @@ class _Basis:
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.q.shape[0] * self.k * self.q.element_size()
+        """Bytes held: Q and HQ (p × capacity) and T and its factor (capacity²)."""
+        cap = self.q.shape[1]
+        return 2 * (self.q.shape[0] + cap) * cap * self.q.element_size()
+
+    @staticmethod
+    def vectors_within(nbytes: int, p: int, itemsize: int) -> int:
+        """The most vectors k with 2(p + k)k·itemsize ≤ nbytes."""
+        return int((-p + math.sqrt(p * p + 2 * nbytes / itemsize)) / 2)
 
     def _reserve(self, size: int) -> None:
         cap = self.q.shape[1]
         if size <= cap:
             return
-        cap = max(size, 2 * cap)
+        cap = min(max(size, 2 * cap), max(self.limit, size))
         for name in ("q", "hq"):
             old = getattr(self, name)
             grown = old.new_empty(old.shape[0], cap)
@@ -157,25 +168,34 @@ class BlockCG:
                 "max_iter": self.config.max_iter, "max_dim": self.config.max_dim,
                 "prime": self.config.prime, "basis_mb": self.config.basis_mb, **self._prime_info}
 
-    def _fresh(self, like: torch.Tensor) -> _Basis:
-        return _Basis(like.shape[0], like=like, capacity=min(64, self.config.max_dim))
+    def _fresh(self, like: torch.Tensor, limit: int | None = None) -> _Basis:
+        limit = self.config.max_dim if limit is None else limit
+        return _Basis(like.shape[0], like=like, capacity=min(64, limit), limit=limit)
 
     def _prime(self, like: torch.Tensor) -> None:
-        """Build the frozen start basis (once, whichever thread comes first)."""
+        """Build the frozen start basis (once, whichever thread comes first). At most
+        ``prime_dim`` vectors (and half of ``max_dim``, so that queries can still extend it),
+        within ``basis_mb``; a priming that fails (out of memory) leaves CG unprimed, not broken."""
         with self._prime_lock:
             if self._primed:
                 return
             cfg = self.config
             p = like.shape[0]
-            cap = min(cfg.max_dim, (cfg.basis_mb << 20) // (2 * p * like.element_size()))
+            cap = min(cfg.prime_dim, cfg.max_dim // 2,
+                      _Basis.vectors_within(cfg.basis_mb << 20, p, like.element_size()))
             if cap >= cfg.prime:
-                gen = torch.Generator(device="cpu").manual_seed(cfg.prime_seed)
-                block = torch.randn(p, cfg.prime, generator=gen, dtype=torch.float64).to(like)
                 t = time.perf_counter()
-                _, basis, info = self._iterate(block, self._fresh(like), max_dim=cap, restart=False)
-                self._start_basis = basis
-                self._prime_info = {"start_basis_dim": basis.k, "priming_hvps": info["hvps"],
-                                    "priming_s": time.perf_counter() - t}
+                try:
+                    gen = torch.Generator(device="cpu").manual_seed(cfg.prime_seed)
+                    block = torch.randn(p, cfg.prime, generator=gen, dtype=torch.float64).to(like)
+                    _, basis, info = self._iterate(block, self._fresh(like, cap), max_dim=cap,
+                                                   restart=False)
+                    self._start_basis = _Basis.copy_of(basis, room=0, limit=basis.k)  # trimmed
+                    self._prime_info = {"start_basis_dim": basis.k, "priming_hvps": info["hvps"],
+                                        "priming_s": time.perf_counter() - t}
+                except (RuntimeError, MemoryError) as exc:  # torch's out-of-memory is a RuntimeError
+                    self._prime_info = {"start_basis_dim": 0,
+                                        "priming_error": f"{type(exc).__name__}: {exc}"[:200]}
             self._primed = True
 
     def solve(self, b: torch.Tensor) -> torch.Tensor:
@@ -184,7 +204,7 @@ class BlockCG:
             self._prime(b2)
         kept = self._start_basis
         if kept is not None and kept.q.dtype == b2.dtype and kept.q.device == b2.device:
-            basis = _Basis.copy_of(kept, room=min(64, self.config.max_dim))
+            basis = _Basis.copy_of(kept, room=64, limit=self.config.max_dim)
         else:
             basis = self._fresh(b2)
         x, _, self.diagnostics = self._iterate(b2, basis, max_dim=self.config.max_dim, restart=True)

@@ -34,11 +34,13 @@ class ExactSolver:
         self.hessian = hessian
         self.diagnostics: dict[str, Any] = {}
         self._chol: torch.Tensor | None = None
+        self._positive = False
         self._eig: tuple[torch.Tensor, torch.Tensor] | None = None
         self._evals: tuple[float, float] | None = None
         factor, info = torch.linalg.cholesky_ex(hessian)
         if int(info) == 0:
             self._chol = factor
+            self._positive = True
         else:
             vals, vecs = torch.linalg.eigh(hessian)
             self._evals = (float(vals[0]), float(vals[-1]))
@@ -58,6 +60,7 @@ class ExactSolver:
                 vals, vecs = self._eig  # type: ignore[misc]
                 inverse = (vecs / vals) @ vecs.T
             self._inverse = 0.5 * (inverse + inverse.T)  # (d, d), symmetric to rounding
+            self._chol, self._eig = None, None  # only H⁻¹ is used from here: H and H⁻¹ held, not 3 d²
         # the factorisation's accuracy, measured once on a seeded probe: a query then costs one
         # solve (O(d²) per column) with no residual product on top
         gen = torch.Generator(device="cpu").manual_seed(0)
@@ -83,7 +86,7 @@ class ExactSolver:
 
     @property
     def positive_definite(self) -> bool:
-        return self._chol is not None
+        return self._positive
 
     def settings(self) -> dict[str, Any]:
         low, high = self._spectrum()

@@ -296,3 +296,54 @@ def test_a_cg_run_primes_once_and_answers_reproducibly(blobs_npz, tmp_path) -> N
     assert d["start_basis_dim"] > 0 and d["converged"]
     exact = run.scores([3], ihvp="exact")
     np.testing.assert_allclose(first, exact, rtol=1e-6, atol=1e-9 * np.abs(exact).max())
+
+
+def test_the_start_basis_stays_within_its_budget_and_queries_within_max_dim() -> None:
+    """The kept basis, T and its factor included, fits basis_mb and is trimmed to its vectors;
+    a query's copy never grows past max_dim; prime_dim bounds the first query's priming."""
+    from engine.ihvp.cg import _Basis
+
+    a = _spd(400, 1e4, seed=6)
+    budget_mb = 2
+    solver = BlockCG(lambda v: a @ v, CGConfig(tol=1e-10, basis_mb=budget_mb, max_dim=600))
+    b = torch.randn(400, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(16))
+    x = solver.solve(b)
+    kept = solver._start_basis
+    assert kept is not None and kept.q.shape[1] == kept.k  # trimmed: no spare capacity kept
+    assert kept.nbytes <= budget_mb << 20
+    fits = _Basis.vectors_within(budget_mb << 20, 400, 8)  # 213 < max_dim / 2: the budget binds
+    assert fits - 32 < kept.k <= fits < 300
+    np.testing.assert_allclose(x.numpy(), torch.linalg.solve(a, b).numpy(), rtol=1e-6, atol=1e-9)
+    grown = []
+    real_extend = _Basis.extend
+
+    def spy(self, new, h_new):
+        real_extend(self, new, h_new)
+        grown.append(self.q.shape[1])
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(_Basis, "extend", spy):
+        solver.solve(torch.randn(400, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(17)))
+    assert max(grown) <= 600
+    small = BlockCG(lambda v: a @ v, CGConfig(tol=1e-10, prime_dim=64))
+    small.solve(b)
+    assert small.settings()["start_basis_dim"] <= 64
+
+
+def test_a_failed_priming_leaves_cg_unprimed_not_broken() -> None:
+    """Out of memory while priming (simulated: the HVP refuses blocks wider than 8): queries
+    are answered without a start basis, and the settings say why."""
+    a = _spd(60, 1e2, seed=7)
+
+    def hvp(v: torch.Tensor) -> torch.Tensor:
+        if v.shape[1] > 8:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return a @ v
+
+    solver = BlockCG(hvp, CGConfig(tol=1e-10))
+    b = torch.randn(60, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(18))
+    for _ in range(2):
+        np.testing.assert_allclose(solver.solve(b).numpy(), torch.linalg.solve(a, b).numpy(), rtol=1e-6)
+        assert solver.diagnostics["start_basis_dim"] == 0
+    assert "out of memory" in solver.settings()["priming_error"]
