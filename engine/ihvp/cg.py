@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ..config import CGConfig, IHVPMethod
+from .base import ThreadDiagnostics
 from .hvp import HVP
 
 __all__ = ["BlockCG"]
@@ -143,7 +144,7 @@ class _Basis:
         return _galerkin_solve(self.t[: self.k, : self.k], rhs)
 
 
-class BlockCG:
+class BlockCG(ThreadDiagnostics):
     """``H⁻¹B`` by block conjugate gradients on a batched ``hvp`` callable.
 
     With ``config.prime`` > 0 and ``config.basis_mb`` > 0 every solve starts from a frozen
@@ -155,9 +156,9 @@ class BlockCG:
     method = IHVPMethod.CG
 
     def __init__(self, hvp: HVP, config: CGConfig = CGConfig()) -> None:
+        super().__init__()
         self.hvp = hvp
         self.config = config
-        self.diagnostics: dict[str, Any] = {}
         self._start_basis: _Basis | None = None  # frozen once built: solves copy it
         self._primed = config.prime <= 0 or config.basis_mb <= 0
         self._prime_lock = threading.Lock()

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..config import IHVPMethod, LissaConfig
+from .base import ThreadDiagnostics
 from .hvp import HVP, BatchHVP
 
 __all__ = ["Lissa", "largest_eigenvalue"]
@@ -36,7 +37,7 @@ def largest_eigenvalue(hvp: HVP, n_params: int, *, dtype: torch.dtype, device: t
     return lam
 
 
-class Lissa:
+class Lissa(ThreadDiagnostics):
     """``H⁻¹B`` by LiSSA on minibatch Hessian-vector products."""
 
     method = IHVPMethod.LISSA
@@ -48,7 +49,7 @@ class Lissa:
         self.n_train = n_train
         self.config = config
         self.scale = float(scale)
-        self.diagnostics: dict[str, Any] = {}
+        super().__init__()
 
     def settings(self) -> dict[str, Any]:
         c = self.config

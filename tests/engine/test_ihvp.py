@@ -347,3 +347,35 @@ def test_a_failed_priming_leaves_cg_unprimed_not_broken() -> None:
         np.testing.assert_allclose(solver.solve(b).numpy(), torch.linalg.solve(a, b).numpy(), rtol=1e-6)
         assert solver.diagnostics["start_basis_dim"] == 0
     assert "out of memory" in solver.settings()["priming_error"]
+
+
+@pytest.mark.parametrize("method", ["cg", "lissa"])
+def test_each_thread_reads_the_diagnostics_of_its_own_solve(method: str) -> None:
+    """Two threads solve at once with one solver, then read ``diagnostics``: each sees its own
+    solve's figures (an eigenvector converges in one step, a random vector takes many), and a
+    thread that never solved sees the last solve's."""
+    import threading
+
+    a = _spd(50, 1e2, seed=8)
+    vals, vecs = torch.linalg.eigh(a)
+    if method == "cg":
+        solver = BlockCG(lambda v: a @ v, CGConfig(tol=1e-10, prime=0))
+        key = "hvps"
+    else:
+        solver = Lissa(lambda v, idx: a @ v, n_train=4, config=LissaConfig(depth=30, batch_size=4),
+                       scale=150.0, min_eigenvalue_bound=0.0)
+        key = "last_relative_change"
+    rhs = [vecs[:, -1:].contiguous(), torch.randn(50, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(19))]
+    both_solved = threading.Barrier(2, timeout=30)
+    seen: dict[int, object] = {}
+
+    def worker(w: int) -> None:
+        solver.solve(rhs[w])
+        mine = solver.diagnostics[key]
+        both_solved.wait()
+        seen[w] = (mine, solver.diagnostics[key])  # after the other thread has solved too
+
+    assert run_in_threads(worker, 2) == []
+    assert seen[0][0] == seen[0][1] and seen[1][0] == seen[1][1]
+    assert seen[0][0] != seen[1][0]
+    assert solver.diagnostics[key] in (seen[0][0], seen[1][0])  # this thread never solved
