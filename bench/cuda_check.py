@@ -34,21 +34,10 @@ import engine  # noqa: E402
 from engine.query.topk import helpful_harmful  # noqa: E402
 from engine.store import resident  # noqa: E402
 from engine.store.resident import ResidentStore  # noqa: E402
+from tests.small_data import write_blobs  # noqa: E402 - numpy only
 
 OUT = ROOT / "bench" / "results" / "cuda_check.json"
 TOP = 10
-
-
-def write_blobs(path: Path, *, n_train: int = 600, n_test: int = 60, d: int = 12, c: int = 4,
-                seed: int = 0) -> Path:
-    """Standardised Gaussian blobs as an .npz the engine reads (X_train, y_train, X_test, y_test)."""
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(scale=1.5, size=(c, d))
-    y = rng.integers(0, c, size=n_train + n_test)
-    x = centers[y] + rng.normal(size=(len(y), d))
-    x = (x - x.mean(0)) / x.std(0)
-    np.savez(path, X_train=x[:n_train], y_train=y[:n_train], X_test=x[n_train:], y_test=y[n_train:])
-    return path
 
 
 def rel_err(got: np.ndarray, want: np.ndarray) -> float:
@@ -60,7 +49,8 @@ def check_products(device: torch.device) -> dict[str, Any]:
     """float16/bfloat16 block products on the device against float64 on the CPU."""
     gen = torch.Generator().manual_seed(0)
     g = torch.randn(20_000, 256, generator=gen, dtype=torch.float64)
-    s = torch.randn(256, 8, generator=gen, dtype=torch.float64) * torch.logspace(-6, 6, 8, dtype=torch.float64)
+    scales = torch.logspace(-6, 6, 8, dtype=torch.float64)  # query columns from 1e-6 to 1e6
+    s = torch.randn(256, 8, generator=gen, dtype=torch.float64) * scales
     out: dict[str, Any] = {}
     for name, dtype, tol in (("float16", torch.float16, 2e-3), ("bfloat16", torch.bfloat16, 2e-2)):
         rows = g.to(dtype)
@@ -169,7 +159,7 @@ def run_check(name: str, device: torch.device, tmp: Path) -> dict[str, Any]:
         return CHECKS[name](device)
     folder = tmp / name
     folder.mkdir(parents=True, exist_ok=True)
-    data = write_blobs(folder / "blobs.npz")
+    data = write_blobs(folder / "blobs.npz", n_train=600, n_test=60, d=12, c=4)
     return CHECKS[name](device, folder, data)
 
 

@@ -32,9 +32,9 @@ F = TypeVar("F", bound=Callable[..., torch.Tensor])
 # once see each other's θ (seen: wrong gradients and "ADInterpreters ... escaped" under 4 concurrent
 # clients). torch.func's transforms themselves are per thread. So each thread that runs the model
 # holds a module of its own from a small pool of copies (``ModulePool``): model calls of different
-# threads run in parallel, up to the pool's size. TorchScript modules, which take θ written into
-# the module itself, and anything that hooks the shared module still take this process-wide lock;
-# re-entrant, because the transforms call back into ``logits``.
+# threads run in parallel, up to the pool's size (a forward hook goes on the thread's own copy).
+# TorchScript modules, which take θ written into the module itself, still take this process-wide
+# lock; re-entrant, because the transforms call back into ``logits``.
 _MODEL_LOCK = threading.RLock()
 POOL_SIZE = max(1, min(os.cpu_count() or 1, 8))  # module copies: more than the cores buys nothing
 
@@ -83,7 +83,6 @@ class ModulePool:
             with _MODEL_LOCK:  # nothing writes the shared module while it is copied
                 return self._copy()
         return self._free.get()
-
 
     def _copy(self) -> nn.Module:
         memo: dict[int, Any] = {}

@@ -316,11 +316,14 @@ def fastif_candidates(run: Run, test_index: int | Sequence[int] | np.ndarray, *,
     query = _query_features(run, sp, run.x_test[torch.as_tensor(idx, device=run.device)], g)  # (m, f)
     _, near = index.search(query, min(candidates, run.n_train))  # (m, c)
     # the pool's rows are one contiguous block, scored for every test point in one product
-    pool_scores = (-block_product(outlier_rows, s)).cpu().double().numpy() if outlier_rows is not None else None
+    pool_scores = None
+    if outlier_rows is not None:
+        pool_scores = (-block_product(outlier_rows, s)).cpu().double().numpy()  # (P, m)
     out = []
     for j in range(len(idx)):
-        rows = torch.as_tensor(near[j], device=run.device)
-        ids, scores = near[j], (-run.resident.rows_product(rows, s[:, j : j + 1])[:, 0]).cpu().double().numpy()  # (c,)
+        near_j = torch.as_tensor(near[j], device=run.device)
+        ids = near[j]
+        scores = (-run.resident.rows_product(near_j, s[:, j : j + 1])[:, 0]).cpu().double().numpy()  # (c,)
         if outliers is not None and pool_scores is not None:
             new = ~np.isin(outliers, ids)
             ids = np.concatenate([ids, outliers[new]])
