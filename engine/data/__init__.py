@@ -1,7 +1,9 @@
 """Data sets for the engine: loading ``--data`` specs, checking them, fingerprinting them.
 
-``load_data("digits" | "PATH.npz" | "PATH/", seed=0)`` returns a validated :class:`Dataset`
-(float64 ``X`` of shape ``(n, *input_shape)``, int64 ``y`` of shape ``(n,)``, read-only arrays).
+``load_data("digits" | "fashion-mnist" | "idx:DIR" | "PATH.npz" | "PATH/", seed=0,
+train_size=None, test_size=None)`` returns a validated :class:`Dataset` (float64 ``X`` of shape
+``(n, *input_shape)``, int64 ``y`` of shape ``(n,)``, read-only arrays), optionally a seeded
+stratified subset of each split.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,14 @@ import numpy as np
 
 from engine.errors import DataError
 
-__all__ = ["Dataset", "fingerprint", "validate"]
+__all__ = [
+    "MAX_DERIVED_CLASSES",
+    "Dataset",
+    "derived_class_names",
+    "fingerprint",
+    "from_splits",
+    "validate",
+]
 
 # Field name -> the name users know from the ``.npz`` format (and that messages use).
 _ARRAY_NAMES: dict[str, str] = {
@@ -26,6 +34,10 @@ _ARRAY_NAMES: dict[str, str] = {
 }
 _SPLITS = ("train", "test")
 _MAX_CHANNELS = 4
+_INDEX_FIELDS = ("train_index", "test_index")
+# Without class_names, C = max label + 1; this bound stops a stray huge label from asking for
+# millions of class names.
+MAX_DERIVED_CLASSES = 100_000
 _FINGERPRINT_VERSION = b"engine.data.fingerprint/v1\n"
 
 
@@ -40,8 +52,12 @@ class Dataset:
         x_test: float64, shape ``(n_test, *input_shape)``.
         y_test: int64, shape ``(n_test,)``, values in ``0..n_classes-1``.
         class_names: one name per class; label ``k`` means ``class_names[k]``.
-        source: where the data came from: ``"digits"``, the ``.npz`` path or the folder path,
-            as given.
+        source: where the data came from: the ``--data`` spec as given (``"digits"``,
+            ``"fashion-mnist"``, ``"idx:DIR"``, the ``.npz`` path or the folder path).
+        train_index: None when ``x_train`` is the whole train split of the source; for a subset
+            (``--train-size``), int64 of shape ``(n_train,)``, increasing: row ``i`` is row
+            ``train_index[i]`` of the whole split. Part of the fingerprint when set.
+        test_index: the same for the test split (``--test-size``).
 
     Build one through :func:`validate` (the loaders do), which checks every field and returns a
     copy whose arrays are read-only and C-contiguous. Equality is identity (arrays have no
@@ -54,6 +70,8 @@ class Dataset:
     y_test: np.ndarray
     class_names: tuple[str, ...]
     source: str
+    train_index: np.ndarray | None = None
+    test_index: np.ndarray | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -76,17 +94,20 @@ class Dataset:
         return int(self.x_test.shape[0])
 
     def __repr__(self) -> str:
+        subset = "" if self.train_index is None and self.test_index is None else ", subset"
         return (
             f"Dataset(source={self.source!r}, n_train={self.n_train}, n_test={self.n_test}, "
-            f"input_shape={self.input_shape}, n_classes={self.n_classes})"
+            f"input_shape={self.input_shape}, n_classes={self.n_classes}{subset})"
         )
 
 
 def fingerprint(ds: Dataset) -> str:
     """SHA-256 hex digest of the data: each array's dtype, shape and bytes, plus the class names.
 
-    The ``source`` is not part of it, so the same data loaded from two places has one
-    fingerprint. The digest is stable across processes and machines of the same byte order.
+    A subset's ``train_index`` / ``test_index`` (which rows of the whole splits it holds) are
+    hashed too when set; a whole data set hashes as it did before subsets existed. The
+    ``source`` is not part of it, so the same data loaded from two places has one fingerprint.
+    The digest is stable across processes and machines of the same byte order.
     """
     h = hashlib.sha256(_FINGERPRINT_VERSION)
     for field, name in _ARRAY_NAMES.items():
@@ -94,6 +115,12 @@ def fingerprint(ds: Dataset) -> str:
         h.update(f"{name}:{a.dtype.str}:{tuple(a.shape)}\n".encode())
         h.update(a.data if a.size else b"")
     h.update(json.dumps(list(ds.class_names), ensure_ascii=False).encode())
+    for field in _INDEX_FIELDS:
+        index = getattr(ds, field)
+        if index is not None:
+            a = np.ascontiguousarray(index, dtype="<i8")
+            h.update(f"\n{field}:{a.shape[0]}\n".encode())
+            h.update(a.data if a.size else b"")
     return h.hexdigest()
 
 
@@ -107,7 +134,9 @@ def validate(ds: Dataset) -> Dataset:
         DataError: one line naming the array or split and the problem: a missing array, ``X``
             not 2-4 dimensional, ``X`` and ``y`` lengths differ, an empty split, train and test
             feature shapes differ, ``y`` not 1-D, NaN or inf in ``X``, a label outside
-            ``0..C-1`` (``C = len(class_names)``), or fewer than 2 classes present in train.
+            ``0..C-1`` (``C = len(class_names)``), fewer than 2 classes present in train, or
+            a ``train_index`` / ``test_index`` that is not increasing non-negative integers,
+            one per row.
     """
     if not isinstance(ds, Dataset):
         raise DataError(f"expected a Dataset, got {type(ds).__name__}")
@@ -124,6 +153,8 @@ def validate(ds: Dataset) -> Dataset:
     ys = {split: _as_labels(f"y_{split}", raw[f"y_{split}"]) for split in _SPLITS}
     class_names = _as_class_names(ds.class_names)
     _check_label_range(class_names, ys)
+    indexes = {split: _as_index(split, getattr(ds, f"{split}_index"), n=ys[split].shape[0])
+               for split in _SPLITS}
     present = np.unique(ys["train"])
     if present.size < 2:
         raise DataError(
@@ -137,7 +168,65 @@ def validate(ds: Dataset) -> Dataset:
         y_test=_frozen(ys["test"], np.int64),
         class_names=class_names,
         source=str(ds.source),
+        train_index=indexes["train"],
+        test_index=indexes["test"],
     )
+
+
+def from_splits(
+    xs: Mapping[str, np.ndarray],
+    ys: Mapping[str, np.ndarray],
+    *,
+    class_names: tuple[str, ...],
+    source: str,
+) -> Dataset:
+    """An unvalidated :class:`Dataset` from ``{"train": X, "test": X}`` and the same for ``y``."""
+    return Dataset(
+        x_train=xs["train"],
+        y_train=ys["train"],
+        x_test=xs["test"],
+        y_test=ys["test"],
+        class_names=class_names,
+        source=source,
+    )
+
+
+def derived_class_names(y_train: np.ndarray, y_test: np.ndarray) -> tuple[str, ...]:
+    """``("0", ..., str(C-1))`` with ``C`` the largest label over both splits plus one.
+
+    Raises:
+        DataError: a label is not an integer, or ``C`` exceeds :data:`MAX_DERIVED_CLASSES`.
+    """
+    labels = [
+        _as_labels(name, np.asarray(y))
+        for name, y in (("y_train", y_train), ("y_test", y_test))
+        if np.ndim(y) == 1 and np.size(y)
+    ]
+    if not labels:
+        return ()  # validate reports the empty or misshapen split
+    top = max(int(y.max()) for y in labels)
+    if top + 1 > MAX_DERIVED_CLASSES:
+        raise DataError(
+            f"largest label is {top}; without class_names at most {MAX_DERIVED_CLASSES} "
+            "classes (labels 0..C-1) are accepted"
+        )
+    return tuple(str(k) for k in range(top + 1))
+
+
+def _as_index(split: str, index: Any, *, n: int) -> np.ndarray | None:
+    """A subset's row numbers as a frozen int64 ``(n,)`` array, or None for a whole split."""
+    if index is None:
+        return None
+    a = np.asarray(index)
+    name = f"{split}_index"
+    if a.ndim != 1 or a.shape[0] != n or (a.size and a.dtype.kind not in "iu"):
+        raise DataError(
+            f"{name} must be 1-D integers, one per row ({n}); got dtype {a.dtype}, shape {a.shape}"
+        )
+    a = a.astype(np.int64)
+    if a.size and (a[0] < 0 or np.any(np.diff(a) <= 0)):
+        raise DataError(f"{name} must be increasing non-negative row numbers")
+    return _frozen(a, np.int64)
 
 
 def _check_present(ds: Dataset) -> None:
@@ -158,8 +247,8 @@ def _check_shapes(split: str, x: np.ndarray, y: np.ndarray) -> None:
         )
     if x.ndim == 4 and not 1 <= x.shape[-1] <= _MAX_CHANNELS:
         raise DataError(
-            f"{xname} has {x.shape[-1]} channels in shape {x.shape}; "
-            f"expected (n, H, W, C) with C in 1..{_MAX_CHANNELS}"
+            f"{xname} has {x.shape[-1]} channels in shape {x.shape}; expected (n, H, W, C) "
+            f"with C in 1..{_MAX_CHANNELS} (or, in a .npz, (n, C, H, W) with C in 1, 3, 4)"
         )
     if y.ndim != 1:
         raise DataError(f"{yname} must be 1-D, shape (n,); got shape {y.shape}")

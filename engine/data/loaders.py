@@ -1,19 +1,33 @@
 """Loading a :class:`~engine.data.dataset.Dataset` from the ``--data`` specs of the contract.
 
 - ``"digits"``: scikit-learn's bundled 8x8 digits, split by seed.
+- ``"fashion-mnist"``: Fashion-MNIST from Debian's ``dataset-fashion-mnist`` package.
+- ``"idx:DIR"``: the four IDX files of ``DIR`` (see :mod:`engine.data.idx`).
 - ``PATH.npz``: arrays ``X_train, y_train, X_test, y_test`` (optional ``class_names``).
 - ``PATH/``: an image folder ``train/<class>/*.png|jpg|jpeg`` and ``test/<class>/...``.
+
+Every source then goes the same way (:func:`_finish`): PyTorch-layout images to channels-last,
+shape checks, an optional seeded stratified subset, uint8 pixels divided by 255, validation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from engine.data.dataset import Dataset, _as_labels, validate
+from engine.data.dataset import (
+    Dataset,
+    _check_shapes,
+    derived_class_names,
+    from_splits,
+    validate,
+)
+from engine.data.idx import FASHION_MNIST, IDX_PREFIX, read_fashion_mnist, read_idx_folder
+from engine.data.subset import take_subsets
 from engine.errors import DataError
 
 __all__ = [
@@ -21,6 +35,7 @@ __all__ = [
     "DIGITS_N_TEST",
     "IMAGE_SUFFIXES",
     "NPZ_ARRAYS",
+    "channels_last",
     "load_data",
 ]
 
@@ -29,48 +44,108 @@ DIGITS_N_TEST = 500
 NPZ_ARRAYS = ("X_train", "y_train", "X_test", "y_test")
 NPZ_CLASS_NAMES = "class_names"
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
-# Without class_names, C = max label + 1; this bound stops a stray huge label from asking for
-# millions of class names.
-MAX_DERIVED_CLASSES = 100_000
+# Channel counts recognised on axis 1 of a 4-D array in PyTorch's (n, C, H, W) layout.
+NCHW_CHANNELS = frozenset({1, 3, 4})
 
 _GRAY8_MODES = frozenset({"1", "L", "LA"})
 _GRAY16_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
 _ACCEPTED = (
-    f"'{DIGITS}', a .npz file with arrays {', '.join(NPZ_ARRAYS)}, "
-    "or an image folder with train/<class>/ and test/<class>/"
+    f"'{DIGITS}', '{FASHION_MNIST}', '{IDX_PREFIX}DIR' (IDX files), a .npz file with arrays "
+    f"{', '.join(NPZ_ARRAYS)}, or an image folder with train/<class>/ and test/<class>/"
 )
 
 
-def load_data(spec: str | os.PathLike[str], *, seed: int = 0) -> Dataset:
-    """Load and validate the data set named by ``spec``.
+def load_data(
+    spec: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    train_size: int | None = None,
+    test_size: int | None = None,
+) -> Dataset:
+    """Load and validate the data set named by ``spec``, optionally a stratified subset of it.
 
     Args:
-        spec: ``"digits"``, a path ending in ``.npz``, or a folder path.
-        seed: split seed, used by ``"digits"`` only.
+        spec: ``"digits"``, ``"fashion-mnist"``, ``"idx:DIR"``, a path ending in ``.npz``, or a
+            folder path.
+        seed: the digits train/test split and the subsets' draw.
+        train_size: keep a seeded, stratified subset of this many training points (None: all).
+        test_size: the same for the test split.
 
     Returns:
         A validated :class:`Dataset`: float64 ``X`` of shape ``(n, *input_shape)``, int64 ``y``
-        of shape ``(n,)``, all arrays read-only and C-contiguous.
+        of shape ``(n,)``, all arrays read-only and C-contiguous; ``train_index`` /
+        ``test_index`` say which rows of the whole splits a subset holds.
 
     Raises:
-        DataError: the spec names nothing loadable, or the data fails :func:`validate`.
+        DataError: the spec names nothing loadable, a size is out of range, or the data fails
+            :func:`validate`.
     """
     text = os.fspath(spec)
     if not isinstance(text, str):
         raise DataError(f"data spec must be a string or path, got {type(text).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise DataError(f"seed must be a non-negative integer, got {seed!r}")
+    raw = _read(text, seed=int(seed))
+    return _finish(raw, seed=int(seed), train_size=train_size, test_size=test_size)
+
+
+def _read(text: str, *, seed: int) -> Dataset:
+    """The unvalidated data set named by ``text`` (``X`` may still be uint8)."""
     if text == DIGITS:
-        return load_digits(seed=seed)
+        return _read_digits(seed=seed)
+    if text == FASHION_MNIST:
+        return read_fashion_mnist()
+    if text.startswith(IDX_PREFIX):
+        return read_idx_folder(text[len(IDX_PREFIX):], source=text)
     path = Path(text)
     if text.lower().endswith(".npz"):
         if not path.is_file():
             raise DataError(f"no such .npz file: {text!r}")
-        return load_npz(text)
+        return _read_npz(text)
     if path.is_dir():
-        return load_image_folder(text)
+        return _read_image_folder(text)
     raise DataError(f"cannot load data {text!r}: no such file or folder; expected {_ACCEPTED}")
 
 
-def load_digits(*, seed: int = 0) -> Dataset:
+def _finish(
+    raw: Dataset, *, seed: int, train_size: int | None, test_size: int | None
+) -> Dataset:
+    """Turn a loader's raw data set into a validated one.
+
+    In order: 4-D ``X`` in PyTorch's ``(n, C, H, W)`` layout (``C`` in 1, 3, 4 and the last axis
+    not) moved to ``(n, H, W, C)``; shapes checked; the subsets of :func:`take_subsets` taken
+    (before scaling, so a small subset of a large uint8 set never becomes float64 whole);
+    uint8 ``X`` divided by 255, float ``X`` kept exactly, any other dtype refused;
+    :func:`validate`.
+    """
+    raw = dataclasses.replace(
+        raw,
+        x_train=channels_last(np.asarray(raw.x_train)),
+        x_test=channels_last(np.asarray(raw.x_test)),
+    )
+    for split in ("train", "test"):
+        _check_shapes(split, getattr(raw, f"x_{split}"), np.asarray(getattr(raw, f"y_{split}")))
+    raw = take_subsets(raw, seed=seed, train_size=train_size, test_size=test_size)
+    return validate(
+        dataclasses.replace(
+            raw,
+            x_train=_scale_features("X_train", raw.x_train),
+            x_test=_scale_features("X_test", raw.x_test),
+        )
+    )
+
+
+def channels_last(x: np.ndarray) -> np.ndarray:
+    """``x`` of shape ``(n, C, H, W)`` with ``C`` in 1, 3, 4 and ``W`` not, as ``(n, H, W, C)``.
+
+    Any other array is returned unchanged (a view; :func:`validate` makes it contiguous).
+    """
+    if x.ndim == 4 and x.shape[1] in NCHW_CHANNELS and x.shape[-1] not in NCHW_CHANNELS:
+        return np.moveaxis(x, 1, -1)  # (n, C, H, W) -> (n, H, W, C)
+    return x
+
+
+def _read_digits(*, seed: int) -> Dataset:
     """scikit-learn's 1,797 8x8 digits, pixels divided by 16 so they lie in [0, 1].
 
     The split draws ``perm = np.random.default_rng(seed).permutation(1797)``; the test set is
@@ -78,33 +153,26 @@ def load_digits(*, seed: int = 0) -> Dataset:
     each split rows keep the original order of the scikit-learn data. ``X`` has shape
     ``(n, 8, 8)``; class names are ``"0"``..``"9"``.
     """
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise DataError(f"seed must be a non-negative integer, got {seed!r}")
     from sklearn.datasets import load_digits as _sk_load_digits
 
     bunch = _sk_load_digits()
     images = np.asarray(bunch.images, dtype=np.float64) / 16.0  # (1797, 8, 8)
     target = np.asarray(bunch.target, dtype=np.int64)  # (1797,)
     perm = np.random.default_rng(int(seed)).permutation(images.shape[0])
-    test_idx = np.sort(perm[:DIGITS_N_TEST])
-    train_idx = np.sort(perm[DIGITS_N_TEST:])
-    return validate(
-        Dataset(
-            x_train=images[train_idx],
-            y_train=target[train_idx],
-            x_test=images[test_idx],
-            y_test=target[test_idx],
-            class_names=tuple(str(int(c)) for c in bunch.target_names),
-            source=DIGITS,
-        )
+    rows = {"test": np.sort(perm[:DIGITS_N_TEST]), "train": np.sort(perm[DIGITS_N_TEST:])}
+    return from_splits(
+        {split: images[r] for split, r in rows.items()},
+        {split: target[r] for split, r in rows.items()},
+        class_names=tuple(str(int(c)) for c in bunch.target_names),
+        source=DIGITS,
     )
 
 
-def load_npz(path: str) -> Dataset:
+def _read_npz(path: str) -> Dataset:
     """Arrays ``X_train, y_train, X_test, y_test`` (and optional ``class_names``) from ``path``.
 
-    Float ``X`` is used exactly as given (cast to float64); uint8 ``X`` is divided by 255; any
-    other ``X`` dtype is refused. Labels must be integer-valued in ``0..C-1`` with
+    ``X`` is left as stored (:func:`_finish` scales uint8 and refuses dtypes other than float
+    and uint8). Labels must be integer-valued in ``0..C-1`` with
     ``C = len(class_names)`` if given, else the largest label over both splits plus one (class
     names are then ``"0"``..``str(C-1)``). Extra arrays are ignored. Nothing is unpickled.
     """
@@ -125,21 +193,15 @@ def load_npz(path: str) -> Dataset:
         arrays = {name: _read_member(archive, path, name) for name in NPZ_ARRAYS}
         names = _read_member(archive, path, NPZ_CLASS_NAMES) if NPZ_CLASS_NAMES in found else None
 
-    x_train = _scale_features("X_train", arrays["X_train"])
-    x_test = _scale_features("X_test", arrays["X_test"])
     if names is not None:
         class_names = _npz_class_names(names)
     else:
-        class_names = _derived_class_names(arrays["y_train"], arrays["y_test"])
-    return validate(
-        Dataset(
-            x_train=x_train,
-            y_train=arrays["y_train"],
-            x_test=x_test,
-            y_test=arrays["y_test"],
-            class_names=class_names,
-            source=path,
-        )
+        class_names = derived_class_names(arrays["y_train"], arrays["y_test"])
+    return from_splits(
+        {split: arrays[f"X_{split}"] for split in ("train", "test")},
+        {split: arrays[f"y_{split}"] for split in ("train", "test")},
+        class_names=class_names,
+        source=path,
     )
 
 
@@ -160,7 +222,10 @@ def _scale_features(name: str, x: np.ndarray) -> np.ndarray:
     if x.dtype.kind == "f":
         return x.astype(np.float64, copy=False)
     if x.dtype == np.uint8:
-        return x.astype(np.float64) / 255.0
+        out = x.astype(np.float64, order="C")  # a fresh array, divided in place
+        out /= 255.0
+        out.setflags(write=False)  # ours alone: validate keeps it instead of copying
+        return out
     raise DataError(f"{name} has dtype {x.dtype}; expected a float array or uint8 pixels")
 
 
@@ -178,25 +243,7 @@ def _npz_class_names(names: np.ndarray) -> tuple[str, ...]:
     return tuple(str(n) for n in names)
 
 
-def _derived_class_names(y_train: np.ndarray, y_test: np.ndarray) -> tuple[str, ...]:
-    """``("0", ..., str(C-1))`` with ``C`` the largest label over both splits plus one."""
-    labels = [
-        _as_labels(name, y)
-        for name, y in (("y_train", y_train), ("y_test", y_test))
-        if y.ndim == 1 and y.size
-    ]
-    if not labels:
-        return ()  # validate reports the empty or misshapen split
-    top = max(int(y.max()) for y in labels)
-    if top + 1 > MAX_DERIVED_CLASSES:
-        raise DataError(
-            f"largest label is {top}; without class_names at most {MAX_DERIVED_CLASSES} "
-            "classes (labels 0..C-1) are accepted"
-        )
-    return tuple(str(k) for k in range(top + 1))
-
-
-def load_image_folder(root: str) -> Dataset:
+def _read_image_folder(root: str) -> Dataset:
     """Images from ``root/train/<class>/`` and ``root/test/<class>/``.
 
     Class names are the sorted subfolder names of ``train/`` (names starting with ``.`` are
@@ -249,16 +296,7 @@ def load_image_folder(root: str) -> Dataset:
         split: np.array([index[rel.split("/", 1)[0]] for rel in files[split]], dtype=np.int64)
         for split in files
     }
-    return validate(
-        Dataset(
-            x_train=xs["train"],
-            y_train=ys["train"],
-            x_test=xs["test"],
-            y_test=ys["test"],
-            class_names=class_names,
-            source=root,
-        )
-    )
+    return from_splits(xs, ys, class_names=class_names, source=root)
 
 
 def _class_dirs(folder: Path) -> list[str]:

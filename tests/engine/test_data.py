@@ -1,7 +1,8 @@
-"""Tests for engine.data: the three loaders, validation messages and the fingerprint."""
+"""Tests for engine.data: the loaders, IDX files, subsets, validation messages, the fingerprint."""
 
 from __future__ import annotations
 
+import gzip
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.data import Dataset, fingerprint, load_data, validate
+from engine.data import Dataset, fingerprint, idx, load_data, validate
+from engine.data.subset import stratified_indices
 from engine.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -261,6 +263,13 @@ def test_fingerprint_sensitive_to_one_pixel_label_and_name() -> None:
     assert fingerprint(validate(_dataset(source="elsewhere"))) == fingerprint(base)
 
 
+def test_fingerprint_of_whole_data_unchanged_by_subset_support(digits: Dataset) -> None:
+    # Runs built before subsets existed stored this digest; a whole data set must keep it.
+    assert fingerprint(digits) == (
+        "cd7c8443859f29dfb7d3fd3184d0cdf94d31756bae711e4b14ebd911fd4c2e27"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # bad input: one test each
 
@@ -439,3 +448,348 @@ def test_image_folder_no_images(tmp_path: Path) -> None:
     (tmp_path / "test" / "a").mkdir(parents=True)
     with pytest.raises(DataError, match="test split is empty: no .png/.jpg/.jpeg files"):
         load_data(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# IDX files
+
+_IDX_CODES = {"u1": 0x08, "i1": 0x09, ">i2": 0x0B, ">i4": 0x0C, ">f4": 0x0D, ">f8": 0x0E}
+
+
+def _idx_bytes(a: np.ndarray, *, code: int | None = None) -> bytes:
+    """An IDX file's bytes, written by hand: 00 00 code ndim, big-endian u32 sizes, data."""
+    big = a.astype(a.dtype.newbyteorder(">")) if a.dtype.itemsize > 1 else a
+    code = _IDX_CODES[big.dtype.str.lstrip("|")] if code is None else code
+    header = bytes([0, 0, code, a.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in a.shape)
+    return header + big.tobytes()
+
+
+def _write_idx(path: Path, a: np.ndarray, *, gz: bool = False) -> Path:
+    data = _idx_bytes(a)
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        data = gzip.compress(data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def _idx_arrays(
+    *, n_train: int = 12, n_test: int = 6, shape: tuple[int, ...] = (4, 3), seed: int = 0
+) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, *shape), dtype=np.uint8),
+        "train-labels-idx1-ubyte": (np.arange(n_train) % 3).astype(np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, *shape), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": (np.arange(n_test) % 3).astype(np.uint8),
+    }
+
+
+def _write_idx_dir(folder: Path, *, gz: bool | tuple[bool, ...] = False,
+                   **kw: object) -> dict[str, np.ndarray]:
+    arrays = _idx_arrays(**kw)  # type: ignore[arg-type]
+    flags = gz if isinstance(gz, tuple) else (gz,) * 4
+    for (stem, a), flag in zip(arrays.items(), flags, strict=True):
+        _write_idx(folder / stem, a, gz=flag)
+    return arrays
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("dtype", ["u1", "i1", ">i2", "<i4", ">f4", "<f8"])
+def test_read_idx_round_trip(tmp_path: Path, dtype: str, gz: bool) -> None:
+    values = np.arange(30).reshape(2, 3, 5) * 8 if dtype == "u1" else np.arange(30) - 7.0
+    a = (values / 3.0 if "f" in dtype else values).reshape(2, 3, 5).astype(dtype)
+    assert np.unique(a).size == 30  # the cast kept every value distinct
+    path = _write_idx(tmp_path / "a-idx3", a, gz=gz)
+    out = idx.read_idx(path)
+    assert out.shape == (2, 3, 5)
+    assert out.dtype.isnative and out.dtype.kind == np.dtype(dtype).kind
+    np.testing.assert_array_equal(out, a)
+
+
+def test_idx_folder_loads_plain_and_gzipped(tmp_path: Path) -> None:
+    arrays = _write_idx_dir(tmp_path, gz=(True, False, False, True))
+    ds = load_data(f"idx:{tmp_path}")
+    np.testing.assert_array_equal(ds.x_train, arrays["train-images-idx3-ubyte"] / 255.0)
+    np.testing.assert_array_equal(ds.x_test, arrays["t10k-images-idx3-ubyte"] / 255.0)
+    np.testing.assert_array_equal(ds.y_train, arrays["train-labels-idx1-ubyte"])
+    np.testing.assert_array_equal(ds.y_test, arrays["t10k-labels-idx1-ubyte"])
+    assert ds.input_shape == (4, 3) and ds.x_train.dtype == np.float64
+    assert ds.class_names == ("0", "1", "2")
+    assert ds.source == f"idx:{tmp_path}"
+
+
+def test_idx_folder_class_names_file_and_gzip_equals_plain(tmp_path: Path) -> None:
+    _write_idx_dir(tmp_path / "plain")
+    _write_idx_dir(tmp_path / "gz", gz=True)
+    (tmp_path / "gz" / "class_names.txt").write_text("cat\n\ndog\nbird\n", encoding="utf-8")
+    plain, zipped = load_data(f"idx:{tmp_path / 'plain'}"), load_data(f"idx:{tmp_path / 'gz'}")
+    assert zipped.class_names == ("cat", "dog", "bird")
+    np.testing.assert_array_equal(plain.x_train, zipped.x_train)
+
+
+def _corrupt_cases() -> dict[str, tuple[bytes, str]]:
+    good = _idx_bytes(np.arange(24, dtype=np.uint8).reshape(2, 3, 4))
+    return {
+        "empty": (b"", "too short"),
+        "bad magic": (b"\x01\x00" + good[2:], "not an IDX file: magic number starts 0100"),
+        "unknown dtype": (good[:2] + b"\x07" + good[3:], "unknown dtype code 0x07"),
+        "no dims": (b"\x00\x00\x08\x00", "declares 0 dimensions"),
+        "header cut": (good[:9], "truncated in its header: 3 dimensions need 16 bytes"),
+        "data cut": (good[:-1], r"is truncated: shape \(2, 3, 4\) of uint8 needs 24 .* found 23"),
+        "trailing": (good + b"\x00", "longer than its header says"),
+        "gzip cut": (gzip.compress(good)[:-6], "corrupt or truncated gzip"),
+        "gzip garbage": (b"\x1f\x8b" + b"\xff" * 40, "corrupt or truncated gzip"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_corrupt_cases()))
+def test_read_idx_corrupt(tmp_path: Path, case: str) -> None:
+    data, message = _corrupt_cases()[case]
+    path = tmp_path / "bad-idx3-ubyte"
+    path.write_bytes(data)
+    with pytest.raises(DataError, match=message):
+        idx.read_idx(path)
+
+
+def test_idx_folder_corrupt_file_named(tmp_path: Path) -> None:
+    _write_idx_dir(tmp_path)
+    path = tmp_path / "t10k-labels-idx1-ubyte"
+    path.write_bytes(path.read_bytes()[:-2])
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte' is truncated"):
+        load_data(f"idx:{tmp_path}")
+
+
+def test_idx_folder_missing_file(tmp_path: Path) -> None:
+    _write_idx_dir(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(DataError, match="has no t10k-labels-idx1-ubyte or t10k-labels-idx1-ubyte.gz"):
+        load_data(f"idx:{tmp_path}")
+
+
+def test_idx_folder_absent(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="IDX data folder .*nowhere' does not exist"):
+        load_data(f"idx:{tmp_path / 'nowhere'}")
+
+
+def test_idx_float_labels_refused(tmp_path: Path) -> None:
+    _write_idx_dir(tmp_path)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte", (np.arange(12) % 3).astype(">f4"))
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte holds float32 values"):
+        load_data(f"idx:{tmp_path}")
+
+
+def test_idx_images_labels_length_mismatch(tmp_path: Path) -> None:
+    _write_idx_dir(tmp_path)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(5, np.uint8))
+    with pytest.raises(DataError, match="X_test has 6 rows but y_test has 5 labels"):
+        load_data(f"idx:{tmp_path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fashion-MNIST
+
+_FASHION_NAMES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+
+
+def test_fashion_mnist_from_fake_package_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    arrays = _write_idx_dir(tmp_path, gz=True, n_train=30, n_test=10, shape=(28, 28))
+    monkeypatch.setattr(idx, "FASHION_MNIST_DIR", tmp_path)
+    ds = load_data("fashion-mnist")
+    assert ds.class_names == _FASHION_NAMES
+    assert ds.source == "fashion-mnist"
+    assert ds.x_train.shape == (30, 28, 28) and ds.x_test.shape == (10, 28, 28)
+    np.testing.assert_array_equal(ds.x_train, arrays["train-images-idx3-ubyte"] / 255.0)
+    np.testing.assert_array_equal(ds.y_test, arrays["t10k-labels-idx1-ubyte"])
+
+
+def test_fashion_mnist_missing_names_package_and_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    absent = tmp_path / "no" / "fashion-mnist"
+    monkeypatch.setattr(idx, "FASHION_MNIST_DIR", absent)
+    with pytest.raises(DataError) as info:
+        load_data("fashion-mnist")
+    text = str(info.value)
+    assert "apt-get install dataset-fashion-mnist" in text
+    assert str(absent) in text
+    assert "train-images-idx3-ubyte[.gz]" in text and "idx:DIR" in text
+
+
+@pytest.mark.skipif(
+    not (idx.FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file()
+    and not (idx.FASHION_MNIST_DIR / "train-images-idx3-ubyte").is_file(),
+    reason="Debian's dataset-fashion-mnist package is not installed",
+)
+def test_fashion_mnist_real_package() -> None:
+    ds = load_data("fashion-mnist")
+    assert (ds.n_train, ds.n_test, ds.input_shape) == (60_000, 10_000, (28, 28))
+    assert ds.class_names == _FASHION_NAMES
+    assert np.bincount(ds.y_train).tolist() == [6000] * 10
+    assert np.bincount(ds.y_test).tolist() == [1000] * 10
+    assert ds.x_train.min() == 0.0 and ds.x_train.max() == 1.0
+    sub = load_data("fashion-mnist", seed=3, train_size=2000, test_size=500)
+    assert np.bincount(sub.y_train).tolist() == [200] * 10
+    np.testing.assert_array_equal(sub.x_train, ds.x_train[sub.train_index])
+
+
+# ---------------------------------------------------------------------------------------------
+# stratified subsets
+
+
+def _check_stratified(y: np.ndarray, rows: np.ndarray, size: int) -> None:
+    assert rows.shape == (size,) and np.all(np.diff(rows) > 0)
+    assert 0 <= rows[0] and rows[-1] < y.shape[0]
+    for c in np.unique(y):
+        share = size * np.count_nonzero(y == c) / y.shape[0]
+        assert abs(np.count_nonzero(y[rows] == c) - share) < 1, (c, share)
+
+
+@pytest.mark.parametrize("size", [1, 7, 10, 33, 50, 99, 100])
+def test_stratified_indices_class_shares_within_one(size: int) -> None:
+    y = np.repeat([3, 0, 2, 1, 7], [41, 29, 17, 8, 5])  # n = 100, unequal classes
+    y = np.random.default_rng(5).permutation(y)
+    for seed in range(5):
+        rows = stratified_indices(y, size, rng=np.random.default_rng(seed))
+        _check_stratified(y, rows, size)
+
+
+def test_stratified_indices_uniform_within_class() -> None:
+    # Every row of a class is equally likely: counts over many draws are close to uniform.
+    y = np.array([0] * 6 + [1] * 4)
+    hits = np.zeros(10)
+    for seed in range(3000):
+        hits[stratified_indices(y, 5, rng=np.random.default_rng(seed))] += 1
+    np.testing.assert_allclose(hits[:6], 3000 * 3 / 6, rtol=0.08)
+    np.testing.assert_allclose(hits[6:], 3000 * 2 / 4, rtol=0.08)
+
+
+def test_digits_subset_rows_come_from_whole_split(digits: Dataset) -> None:
+    sub = load_data("digits", seed=0, train_size=300, test_size=120)
+    assert (sub.n_train, sub.n_test) == (300, 120)
+    _check_stratified(digits.y_train, sub.train_index, 300)
+    _check_stratified(digits.y_test, sub.test_index, 120)
+    np.testing.assert_array_equal(sub.x_train, digits.x_train[sub.train_index])
+    np.testing.assert_array_equal(sub.y_test, digits.y_test[sub.test_index])
+    assert not sub.train_index.flags.writeable and sub.train_index.dtype == np.int64
+
+
+def test_subset_deterministic_in_seed(tmp_path: Path) -> None:
+    path = _save_npz(tmp_path, **_arrays(n_train=60, n_test=30))
+    a = load_data(path, seed=4, train_size=20, test_size=9)
+    b = load_data(path, seed=4, train_size=20, test_size=9)
+    c = load_data(path, seed=5, train_size=20, test_size=9)
+    np.testing.assert_array_equal(a.train_index, b.train_index)
+    np.testing.assert_array_equal(a.test_index, b.test_index)
+    assert fingerprint(a) == fingerprint(b)
+    assert not np.array_equal(a.train_index, c.train_index)
+    assert fingerprint(a) != fingerprint(c)
+
+
+def test_subset_one_split_only(tmp_path: Path) -> None:
+    path = _save_npz(tmp_path, **_arrays(n_train=60, n_test=30))
+    whole = load_data(path)
+    sub = load_data(path, train_size=21)
+    assert sub.n_train == 21 and sub.test_index is None
+    np.testing.assert_array_equal(sub.x_test, whole.x_test)
+    assert np.bincount(sub.y_train).tolist() == [7, 7, 7]
+
+
+def test_subset_of_whole_size_is_the_whole_data(digits: Dataset) -> None:
+    same = load_data("digits", seed=0, train_size=1297, test_size=500)
+    assert same.train_index is None and same.test_index is None
+    assert fingerprint(same) == fingerprint(digits)
+
+
+def test_subset_enters_fingerprint() -> None:
+    base = validate(_dataset())
+    indexed = validate(_dataset(train_index=np.arange(6) * 2))
+    other = validate(_dataset(train_index=np.arange(6) * 2 + 1))
+    assert len({fingerprint(base), fingerprint(indexed), fingerprint(other)}) == 3
+
+
+def test_subset_of_image_folder(tmp_path: Path) -> None:
+    for k in range(6):
+        _write_png(tmp_path / "train" / "ab"[k % 2] / f"{k}.png", np.full((2, 2), k, np.uint8), "L")
+    _write_png(tmp_path / "test" / "a" / "t.png", np.zeros((2, 2), np.uint8), "L")
+    sub = load_data(str(tmp_path), seed=1, train_size=4)
+    assert sub.train_index is not None and np.bincount(sub.y_train).tolist() == [2, 2]
+    np.testing.assert_array_equal(sub.x_train, load_data(str(tmp_path)).x_train[sub.train_index])
+
+
+def test_subset_of_idx_folder(tmp_path: Path) -> None:
+    arrays = _write_idx_dir(tmp_path, n_train=30, n_test=15)
+    sub = load_data(f"idx:{tmp_path}", seed=2, train_size=9, test_size=6)
+    assert np.bincount(sub.y_train).tolist() == [3, 3, 3]
+    assert np.bincount(sub.y_test).tolist() == [2, 2, 2]
+    expected = arrays["train-images-idx3-ubyte"][sub.train_index] / 255.0
+    np.testing.assert_array_equal(sub.x_train, expected)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"train_size": 1298}, "--train-size 1298 is more than the 1297 points of the train split"),
+        ({"test_size": 501}, "--test-size 501 is more than the 500 points of the test split"),
+        ({"train_size": 0}, "--train-size must be a positive integer, got 0"),
+        ({"test_size": True}, "--test-size must be a positive integer, got True"),
+        ({"train_size": 2.5}, "--train-size must be a positive integer, got 2.5"),
+    ],
+)
+def test_subset_size_out_of_range(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(DataError, match=message):
+        load_data("digits", **kwargs)  # type: ignore[arg-type]
+
+
+def test_validate_refuses_bad_index() -> None:
+    with pytest.raises(DataError, match="train_index must be increasing"):
+        validate(_dataset(train_index=np.array([0, 2, 1, 3, 4, 5])))
+    with pytest.raises(DataError, match=r"test_index must be 1-D integers, one per row \(4\)"):
+        validate(_dataset(test_index=np.arange(3)))
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch (n, C, H, W) arrays
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_nchw_same_dataset_as_nhwc(tmp_path: Path, channels: int, dtype: type) -> None:
+    rng = np.random.default_rng(channels)
+    nhwc = {
+        "X_train": (rng.random((6, 5, 7, channels)) * 255).astype(dtype),
+        "y_train": np.arange(6) % 3,
+        "X_test": (rng.random((4, 5, 7, channels)) * 255).astype(dtype),
+        "y_test": np.arange(4) % 3,
+    }
+    nchw = {k: np.ascontiguousarray(v.transpose(0, 3, 1, 2)) if k[0] == "X" else v
+            for k, v in nhwc.items()}
+    a = load_data(_save_npz(tmp_path, "nhwc.npz", **nhwc))
+    b = load_data(_save_npz(tmp_path, "nchw.npz", **nchw))
+    assert b.input_shape == (5, 7, channels)
+    np.testing.assert_array_equal(a.x_train, b.x_train)
+    np.testing.assert_array_equal(a.x_test, b.x_test)
+    assert b.x_train.flags.c_contiguous
+    assert fingerprint(a) == fingerprint(b)
+    assert b.x_train[2, 4, 1, channels - 1] == a.x_train[2, 4, 1, channels - 1]
+
+
+def test_nchw_with_subset_same_as_nhwc(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (12, 1, 6, 6), dtype=np.uint8)
+    y = np.arange(12) % 3
+    a = load_data(_save_npz(tmp_path, "a.npz", X_train=x, y_train=y, X_test=x, y_test=y),
+                  train_size=6)
+    b = load_data(_save_npz(tmp_path, "b.npz", X_train=x.transpose(0, 2, 3, 1), y_train=y,
+                            X_test=x.transpose(0, 2, 3, 1), y_test=y), train_size=6)
+    assert fingerprint(a) == fingerprint(b) and a.input_shape == (6, 6, 1)
+
+
+def test_last_axis_channels_wins_when_ambiguous(tmp_path: Path) -> None:
+    # (n, 3, 4, 4): the last axis is a valid channel count, so the array is (n, H, W, C).
+    ds = load_data(_save_npz(tmp_path, **_arrays(shape=(3, 4, 4))))
+    assert ds.input_shape == (3, 4, 4)
