@@ -7,8 +7,9 @@
 
   var POLL_MS = 500;
 
-  var ui = window.influenceUI;  // static/audit.js: api() fetches JSON and says why it failed
-  var el = ui.el;
+  var http = window.influence.http;  // static/lib/http.js: api() fetches JSON and says why it failed
+  var dom = window.influence.dom;  // static/lib/dom.js
+  var el = dom.el;
 
   function pct(p) { return (100 * p).toFixed(1) + "%"; }
 
@@ -37,7 +38,7 @@
       var verdict = r.flipped
         ? el("p", { "class": "attack-verdict flipped" }, ["Flipped: after retraining the model predicts ",
             el("strong", { text: cls(r.predicted_after) }), " instead of " + cls(label) + "."])
-        : el("p", { "class": "attack-verdict held" }, ["Not flipped: after " + ui.plural(r.iterations, "retraining") + " the model still predicts ", el("strong", { text: cls(r.predicted_after) }), "."]);
+        : el("p", { "class": "attack-verdict held" }, ["Not flipped: after " + dom.plural(r.iterations, "retraining") + " the model still predicts ", el("strong", { text: cls(r.predicted_after) }), "."]);
       var facts = el("dl", { "class": "facts attack-facts" });
       [fact("before", cls(r.predicted_before) + " (" + pct(r.proba_before[r.predicted_before]) + "), p(label " +
               cls(label) + ") " + pct(r.proba_before[label])),
@@ -45,8 +46,8 @@
               cls(label) + ") " + pct(r.proba_after[label])),
        fact("bound", "|δ| ≤ ε = " + r.epsilon + " per input value (largest used " + r.max_abs_delta.toPrecision(3) +
               "), step " + r.step.toPrecision(3)),
-       fact("perturbed", ui.plural(r.train_ids.length, "training image") + ", " +
-              ui.plural(r.iterations, "retraining") + ", " + job.seconds.toFixed(1) + " s"),
+       fact("perturbed", dom.plural(r.train_ids.length, "training image") + ", " +
+              dom.plural(r.iterations, "retraining") + ", " + job.seconds.toFixed(1) + " s"),
        fact("ground truth", r.ground_truth)
       ].forEach(function (pair) { pair.forEach(function (node) { facts.appendChild(node); }); });
 
@@ -67,7 +68,7 @@
     }
 
     function poll(url) {
-      ui.api("GET", url).then(function (job) {
+      http.api("GET", url).then(function (job) {
         var p = job.progress || {};
         if (p.total) { bar.max = p.total; bar.value = p.done; } else { bar.removeAttribute("value"); }
         if (job.status === "done") {
@@ -97,7 +98,7 @@
       status.hidden = false;
       bar.removeAttribute("value");
       say("starting…");
-      ui.guardedApi("POST", "/api/v1/attacks", body).then(function (job) { poll(job.url); },
+      http.guardedApi("POST", "/api/v1/attacks", body).then(function (job) { poll(job.url); },
         function (err) { say("Could not start the attack: " + err.message, true); finish(); });
     });
   }

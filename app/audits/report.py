@@ -1,5 +1,6 @@
 """The audit as a page: the read-only permalink view, or a self-contained HTML file (styles,
-Plotly and images inlined) that opens from disk with no network."""
+Plotly's partial bundle and images inlined) that opens from disk with no network. Each figure has
+its data table beside it (``data_table`` in templates/_macros.html)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup
 
-from ..routes.assets import plotly_bundle
+from ..routes.assets import PLOTLY_URL, plotly_bundle
 
 __all__ = ["item_figure", "render_report"]
 
@@ -51,8 +52,8 @@ def render_report(templates: Jinja2Templates, audit: dict[str, Any], *, standalo
     figures = {str(it["id"]): fig for it in audit["items"]
                if (fig := item_figure(it, names)) is not None}
     context: dict[str, Any] = {
-        "audit": audit, "class_names": names, "standalone": standalone,
-        "figures_json": _inline(json.dumps(figures)),
+        "audit": audit, "class_names": names, "standalone": standalone, "figures": figures,
+        "figures_json": _inline(json.dumps(figures)), "plotly_url": PLOTLY_URL,
     }
     if standalone:
         context["inline_css"] = _inline((STATIC / "style.css").read_text(encoding="utf-8"))

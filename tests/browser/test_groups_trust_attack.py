@@ -146,7 +146,8 @@ def test_training_point_layers_chart(tab: Tab) -> None:
     params = api(tab, "/api/v1/train-points/5/params")
     shares = tab.page.evaluate("document.getElementById('plot-params').data[0].y")
     assert shares == [layer["share"] for layer in params["layers"]]
-    assert tab.page.locator("#params table tbody tr").count() == len(params["layers"])
+    assert tab.page.locator("#params table.layer-table tbody tr").count() == len(params["layers"])
+    assert tab.page.locator("#data-params table tbody tr").count() == len(params["layers"])  # the plot's
     assert "gradient norm" in tab.page.locator(".facts").first.inner_text()
     tab.page.locator("#params").scroll_into_view_if_needed()
     tab.screenshot("train_point_layers")
