@@ -2,7 +2,10 @@
 
 Each function returns ``{"data": [...], "layout": {...}}``, embedded in a page with
 ``{{ fig|tojson }}`` and drawn by ``static/dashboard.js`` with ``Plotly.newPlot``. A point whose
-``customdata`` is a site path (``/...``) is a link: clicking it opens that page. Colours follow
+``customdata`` is a site path (``/...``) is a link: clicking it opens that page. Under each plot,
+``data_table`` in ``templates/_macros.html`` renders the same dict as an accessible table (the
+links included), and a heatmap with links gets keyboard-focusable cells. The traces used (bar,
+scatter, heatmap) must be in the vendored bundle (``app.routes.assets.PLOTLY_TRACES``). Colours follow
 ``static/style.css``: green = helpful (negative ``I_up,loss``), red = harmful (positive).
 """
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from app.routes.assets import PLOTLY_TRACES
+
 from .conftest import Tab
 
 CELL = """() => { const a = document.activeElement, s = getComputedStyle(a), r = a.getBoundingClientRect();
@@ -39,6 +41,8 @@ def test_confusion_matrix_cells_open_by_keyboard(tab: Tab) -> None:
     assert page.locator("#plot-confusion .plot-keys a").count() == n * n
     assert page.locator('#plot-confusion .plot-keys a[tabindex="0"]').count() == 1  # one tab stop
     assert page.get_attribute("#plot-confusion", "role") == "group"  # not an image: it holds links
+    # the vendored bundle has exactly the trace types the pages draw (app/routes/assets.py)
+    assert page.evaluate("Object.keys(Plotly.PlotSchema.get().traces).sort()") == list(PLOTLY_TRACES)
 
     assert {k: tab_to_matrix(page)[k] for k in ("row", "col")} == {"row": 0, "col": 0}
     for key in ("ArrowRight", "ArrowDown", "ArrowDown", "ArrowLeft", "ArrowRight", "ArrowUp", "ArrowUp",
