@@ -1,24 +1,53 @@
 """Long work off the request path: retraining checks and attacks run as background jobs that a
 client polls (``GET /api/v1/jobs/{id}``) for progress and the result. One worker thread by
 default (retraining is CPU-bound; queries keep answering meanwhile), a bounded queue, and the
-last ``KEEP`` finished jobs remembered (in memory: a restart forgets them)."""
+last ``KEEP`` finished jobs remembered (in memory: a restart forgets them).
+
+A job started with a ``key`` (its kind and parameters, e.g. a group page's retraining check) is
+shared: submitting the same key again returns the job already queued, running or finished, so
+reloading a permalink neither retrains twice nor loses the answer.
+
+A job that fails says why in ``error``: an engine domain error (:class:`engine.InfluenceError`,
+e.g. a model too large to retrain here) is the request's fault and keeps its message
+(``error_kind: "bad_input"``); anything else is a bug, logged with its traceback and reported
+as an internal error (``error_kind: "internal"``).
+"""
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
+from enum import Enum
 from typing import Any
 
 from engine import InfluenceError
 
-__all__ = ["Job", "JobManager", "JobNotFound", "QueueFull"]
+__all__ = ["KEEP", "ErrorKind", "Job", "JobManager", "JobNotFound", "JobStatus", "QueueFull", "Report"]
+
+logger = logging.getLogger(__name__)
 
 KEEP = 100
 Report = Callable[[int, int], None]
+
+
+class JobStatus(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    ERROR = "error"
+
+
+class ErrorKind(str, Enum):
+    BAD_INPUT = "bad_input"  # an engine domain error: the request asked for something impossible
+    INTERNAL = "internal"  # a bug or a failure of the server; the log has the traceback
+
+
+PENDING = (JobStatus.QUEUED, JobStatus.RUNNING)
 
 
 class JobNotFound(LookupError):
@@ -30,23 +59,34 @@ class QueueFull(RuntimeError):
 
 
 class Job:
-    def __init__(self, kind: str, params: dict[str, Any]) -> None:
+    def __init__(self, kind: str, params: dict[str, Any], *, key: Hashable | None = None) -> None:
         self.id = secrets.token_urlsafe(12)
         self.kind = kind
         self.params = params
-        self.status = "queued"
+        self.key = key
+        self.status = JobStatus.QUEUED
         self.done, self.total = 0, 0
         self.result: Any = None
         self.error: str | None = None
+        self.error_kind: ErrorKind | None = None
         self.created = time.time()
         self.started: float | None = None
         self.finished: float | None = None
 
+    @property
+    def pending(self) -> bool:
+        return self.status in PENDING
+
+    def fail(self, kind: ErrorKind, message: str) -> None:
+        self.status, self.error_kind, self.error = JobStatus.ERROR, kind, message
+
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "kind": self.kind, "params": self.params, "status": self.status,
+        return {"id": self.id, "kind": self.kind, "params": self.params, "status": self.status.value,
                 "progress": {"done": self.done, "total": self.total},
                 "seconds": (self.finished or time.time()) - (self.started or self.created),
-                "result": self.result, "error": self.error, "url": f"/api/v1/jobs/{self.id}"}
+                "result": self.result, "error": self.error,
+                "error_kind": self.error_kind.value if self.error_kind else None,
+                "url": f"/api/v1/jobs/{self.id}"}
 
 
 class JobManager:
@@ -56,37 +96,56 @@ class JobManager:
         self._lock = threading.Lock()
         self.max_pending = max_pending
 
-    def submit(self, kind: str, params: dict[str, Any], fn: Callable[[Report], Any]) -> Job:
-        """Queue ``fn(report)``; ``report(done, total)`` updates the job's progress."""
+    def find(self, key: Hashable) -> Job | None:
+        """The newest remembered job submitted with ``key`` (queued, running or finished)."""
         with self._lock:
-            pending = sum(j.status in ("queued", "running") for j in self._jobs.values())
+            return next((j for j in reversed(self._jobs.values()) if j.key == key), None)
+
+    def submit(self, kind: str, params: dict[str, Any], fn: Callable[[Report], Any], *,
+               key: Hashable | None = None) -> Job:
+        """Queue ``fn(report)``; ``report(done, total)`` updates the job's progress. With a ``key``,
+        the job remembered under it, if any, is returned instead of starting another."""
+        with self._lock:
+            if key is not None:
+                same = next((j for j in reversed(self._jobs.values()) if j.key == key), None)
+                if same is not None:
+                    return same
+            pending = sum(j.pending for j in self._jobs.values())
             if pending >= self.max_pending:
                 raise QueueFull(f"{pending} jobs are already waiting or running; try again later")
-            job = Job(kind, params)
+            job = Job(kind, params, key=key)
             self._jobs[job.id] = job
             while len(self._jobs) > KEEP + self.max_pending:
                 oldest = next(iter(self._jobs))
-                if self._jobs[oldest].status in ("queued", "running"):
+                if self._jobs[oldest].pending:
                     break
                 self._jobs.pop(oldest)
 
         def report(done: int, total: int) -> None:
             job.done, job.total = done, total
 
-        def work() -> None:
-            job.status, job.started = "running", time.time()
-            try:
-                job.result = fn(report)
-                job.status = "done"
-            except InfluenceError as exc:
-                job.status, job.error = "error", " ".join(str(exc).split())
-            except Exception as exc:  # a job must never die silently: its error is its result
-                job.status, job.error = "error", f"{type(exc).__name__}: {exc}"
-            finally:
-                job.finished = time.time()
-
-        self._pool.submit(work)
+        self._pool.submit(self._work, job, fn, report)
+        logger.info("job %s (%s) queued", job.id, kind)
         return job
+
+    @staticmethod
+    def _work(job: Job, fn: Callable[[Report], Any], report: Report) -> None:
+        job.status, job.started = JobStatus.RUNNING, time.time()
+        try:
+            job.result = fn(report)
+            job.status = JobStatus.DONE
+        except InfluenceError as exc:  # the request's fault: its message is the answer
+            job.fail(ErrorKind.BAD_INPUT, " ".join(str(exc).split()))
+            logger.info("job %s (%s) refused: %s", job.id, job.kind, job.error)
+        except Exception as exc:  # a bug: logged with its traceback, reported as internal
+            logger.exception("job %s (%s) failed", job.id, job.kind)
+            what = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+            job.fail(ErrorKind.INTERNAL, f"internal error, not a problem with the request ({what}); "
+                                         f"the server log has the traceback of job {job.id}")
+        else:
+            logger.info("job %s (%s) done in %.2f s", job.id, job.kind, time.time() - job.started)
+        finally:
+            job.finished = time.time()
 
     def get(self, job_id: str) -> Job:
         job = self._jobs.get(job_id)

@@ -1,7 +1,10 @@
-"""A size limit on request bodies, enforced while they stream in (an ASGI middleware).
+"""Every size limit of the web layer, defined once (pages, schemas, routes and the templates,
+through the ``limits`` template global, import them from here), and the middleware that enforces
+the body limits while a request streams in.
 
+A size limit on request bodies is enforced while they stream in (an ASGI middleware):
 FastAPI parses a multipart form, spooling its files to disk, before a route handler runs, so a
-limit checked in the handler comes after the whole body was read. This middleware refuses a body
+limit checked in the handler comes after the whole body was read. :class:`BodyLimit` refuses a body
 before that: at once when ``Content-Length`` declares too much, else as soon as the bytes received
 pass the limit (a chunked body without ``Content-Length``, or one that sends more than it declared),
 so no more than the limit plus one chunk is ever read. Uploads (``POST /api/v1/query`` and the
@@ -17,8 +20,38 @@ from typing import Any
 
 from starlette.exceptions import HTTPException
 
-__all__ = ["ASGIApp", "MAX_JSON_BODY", "MULTIPART_OVERHEAD", "Message", "Receive", "Scope", "Send",
-           "UPLOAD_PATHS", "BodyLimit"]
+__all__ = [
+    "AUDIT_MAX_TESTS",
+    "AUDIT_MAX_TRAIN",
+    "DEFAULT_CLUSTERS",
+    "DEFAULT_LIMIT",
+    "DEFAULT_TOP",
+    "DEFAULT_UPLOAD_LIMIT",
+    "MAX_CHECK_TESTS",
+    "MAX_CLUSTERS",
+    "MAX_FASTIF",
+    "MAX_GROUP_TESTS",
+    "MAX_GROUP_TOP",
+    "MAX_GROUP_TRAIN",
+    "MAX_ID_TEXT",
+    "MAX_ITEMS",
+    "MAX_ITEM_TOP",
+    "MAX_JSON_BODY",
+    "MAX_LIMIT",
+    "MAX_NOTE",
+    "MAX_POOL",
+    "MAX_TITLE",
+    "MAX_TOP",
+    "MULTIPART_OVERHEAD",
+    "UPLOAD_PATHS",
+    "ASGIApp",
+    "BodyLimit",
+    "Message",
+    "Receive",
+    "Scope",
+    "Send",
+    "template_limits",
+]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -26,9 +59,34 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+# lists and pages (app/services.py checks the same bounds)
+DEFAULT_TOP, MAX_TOP = 10, 500  # entries per helpful/harmful list
+DEFAULT_LIMIT, MAX_LIMIT = 50, 1000  # entries per page of a listing
+MAX_FASTIF, MAX_POOL = 1_000_000, 100_000  # FastIF's nearest points, and its gradient-norm pool
+# groups
+MAX_GROUP_TRAIN = 1_000_000  # training ids in one group
+MAX_GROUP_TESTS = 100_000  # test ids one group-influence request measures
+MAX_CHECK_TESTS = 10_000  # test ids one retraining check measures
+MAX_GROUP_TOP = 100_000  # a mislabel group's size
+DEFAULT_CLUSTERS, MAX_CLUSTERS = 8, 100  # k-means centres of a cluster group
+MAX_ID_TEXT = 200_000  # characters of a page's typed id list
+# audits
+MAX_ITEMS = 500  # items per request
+MAX_NOTE = 10_000  # characters of a note or description
+MAX_TITLE = 200  # characters of a title
+MAX_ITEM_TOP = 100  # entries per list a test-point item snapshots
+AUDIT_MAX_TRAIN, AUDIT_MAX_TESTS = 100_000, 1_000  # a group item's training and test ids
+# request bodies
+DEFAULT_UPLOAD_LIMIT = 5 * 1024 * 1024  # bytes (``Settings.upload_limit``)
 UPLOAD_PATHS = frozenset({"/api/v1/query", "/query"})
 MULTIPART_OVERHEAD = 64 * 1024  # bytes of form framing allowed beyond the upload limit
 MAX_JSON_BODY = 32 * 1024 * 1024  # a group of a million training ids is about 8 MB of JSON
+
+
+def template_limits() -> dict[str, int]:
+    """The limits by name, for the templates' ``limits`` global (``max="{{ limits.MAX_TOP }}"``)."""
+    return {name: value for name, value in globals().items()
+            if name.isupper() and isinstance(value, int) and not isinstance(value, bool)}
 
 
 class _TooLarge(HTTPException):

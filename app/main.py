@@ -1,10 +1,14 @@
-"""Wiring of the web app: settings -> run (opened once) -> routers, templates, static files, errors."""
+"""Wiring of the web app: settings -> run (opened once) -> routers, templates, static files, errors,
+compression and logging (uvicorn's format when served)."""
 
 from __future__ import annotations
 
+import copy
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -15,20 +19,24 @@ from fastapi.templating import Jinja2Templates
 import engine
 
 from .audits.db import make_engine, migrate, session_factory
+from .compression import GZip
 from .errors import install_error_handlers
 from .jobs import JobManager
-from .limits import BodyLimit
+from .limits import BodyLimit, template_limits
 from .routes import assets, audits, images, jobs, meta, pages, queries, test_points, train_points
 from .security import csp_nonce, install_security
 from .services import Dashboard
 from .settings import Settings
 
-__all__ = ["ROOT", "STATIC_DIR", "TEMPLATES_DIR", "create_app", "serve"]
+__all__ = ["ROOT", "STATIC_DIR", "TEMPLATES_DIR", "create_app", "logging_config", "serve"]
+
+logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository root (parent of app/)
 TEMPLATES_DIR = ROOT / "templates"
 STATIC_DIR = ROOT / "static"
 SWAGGER = "/static/vendor/swagger-ui"
+LOGGERS = ("app", "engine")  # the packages whose records the served app prints
 
 
 def create_app(settings: Settings, *, run: engine.Run | None = None) -> FastAPI:
@@ -42,7 +50,9 @@ def create_app(settings: Settings, *, run: engine.Run | None = None) -> FastAPI:
         db = make_engine(settings.resolved_database_url)
         migrate(db)
         app.state.audit_sessions = session_factory(db)
-        app.state.jobs = JobManager()
+        app.state.jobs = JobManager(workers=settings.job_workers, max_pending=settings.max_pending_jobs)
+        logger.info("serving run %s (%d training, %d test points)", settings.run,
+                    app.state.run.n_train, app.state.run.n_test)
         yield
         app.state.jobs.shutdown()
         db.dispose()
@@ -52,7 +62,9 @@ def create_app(settings: Settings, *, run: engine.Run | None = None) -> FastAPI:
                               "Scores are I_up,loss: negative helpful, positive harmful.")
     app.state.settings = settings
     app.state.templates = Jinja2Templates(directory=TEMPLATES_DIR)
+    app.state.templates.env.globals["limits"] = template_limits()
     install_error_handlers(app)
+    app.add_middleware(GZip)  # pages, JSON and scripts
     app.add_middleware(BodyLimit, upload_limit=settings.upload_limit)  # inside the security headers
     install_security(app, cors_origins=settings.cors_origins)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
@@ -72,12 +84,25 @@ def create_app(settings: Settings, *, run: engine.Run | None = None) -> FastAPI:
     return app
 
 
+def logging_config(level: str = "info") -> dict[str, Any]:
+    """uvicorn's logging configuration (its formatters and handlers) with the app's and the
+    engine's loggers printed the same way at ``level``; for ``logging.config.dictConfig``."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    for name in LOGGERS:
+        config["loggers"][name] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    return config
+
+
 def serve(run_path: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
           run: engine.Run | None = None) -> None:
-    """Serve the dashboard for ``run_path`` with uvicorn (blocks until interrupted)."""
+    """Serve the dashboard for ``run_path`` with uvicorn (blocks until interrupted); log records
+    of ``app`` and ``engine`` in uvicorn's format."""
     import torch
     import uvicorn
 
     settings = Settings(run=Path(run_path), host=host, port=port)
     torch.set_num_threads(settings.torch_threads)
-    uvicorn.run(create_app(settings, run=run), host=settings.host, port=settings.port)
+    uvicorn.run(create_app(settings, run=run), host=settings.host, port=settings.port,
+                log_config=logging_config(settings.log_level), log_level=settings.log_level)

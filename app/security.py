@@ -1,11 +1,13 @@
 """Who may change what, and what a browser is told: the API-key guard for write routes, CORS,
 and the security headers every response carries.
 
-- **Writes**: when the server has an API key (``INFLUENCE_API_KEY``), routes that create state or
-  start retraining jobs (``POST /api/v1/audits``, ``POST /api/v1/attacks``,
-  ``POST /api/v1/group-influence/check``) need ``Authorization: Bearer <key>``; an existing
-  audit is edited with its own edit token or the key (``app/audits/store.authorize``). Without a
-  key (the single-user default on loopback) they are open. Reading never needs a key.
+- **Writes**: when the server has an API key (``INFLUENCE_API_KEY``), routes that create state
+  or start retraining jobs (``POST /api/v1/audits``, ``POST /api/v1/attacks``,
+  ``POST /api/v1/group-influence/check``, and the group page's retraining check) need
+  ``Authorization: Bearer <key>`` (the guard is :data:`app.deps.WriterDep`, built on the helpers
+  here); an existing audit is edited with its own edit token or the key
+  (``app/audits/store.authorize``). Without a key (the single-user default on loopback) they are
+  open. Reading never needs a key.
 - **CORS**: none unless ``INFLUENCE_CORS_ORIGINS`` names origins; credentials are never allowed
   (tokens travel in a header the caller sets, not in cookies).
 - **Headers**: a strict Content-Security-Policy (scripts only from this server, or inline with the
@@ -20,14 +22,13 @@ import hmac
 import secrets
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import FastAPI, Header, Request
 from fastapi.middleware.cors import CORSMiddleware
 
-from .audits.store import Forbidden
 from .limits import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["Authorization", "SecurityHeaders", "WriterDep", "api_key", "bearer", "carries_api_key",
-           "csp_nonce", "install_security", "require_writer"]
+__all__ = ["Authorization", "SecurityHeaders", "api_key", "bearer", "carries_api_key", "csp_nonce",
+           "install_security"]
 
 Authorization = Annotated[str | None, Header(description="Bearer <edit token or API key>")]
 
@@ -48,18 +49,6 @@ def carries_api_key(settings: Any, authorization: str | None) -> bool:
     """Whether the server has an API key and the header carries it (compared in constant time)."""
     key, token = api_key(settings), bearer(authorization)
     return key is not None and token is not None and hmac.compare_digest(token.encode(), key.encode())
-
-
-def require_writer(request: Request, authorization: Authorization = None) -> None:
-    """Dependency of the routes that create state or start jobs: with an API key set, the
-    request must carry it (403 otherwise); without one, anyone on the network may write."""
-    settings = request.app.state.settings
-    if api_key(settings) is not None and not carries_api_key(settings, authorization):
-        raise Forbidden("this server needs its API key for this request: send "
-                        "'Authorization: Bearer <API key>'")
-
-
-WriterDep = Depends(require_writer)
 
 
 def csp_nonce(request: Request) -> str:

@@ -1,18 +1,24 @@
-"""The web layer's one configuration class (environment variables prefixed ``INFLUENCE_``)."""
+"""The web layer's configuration (environment variables prefixed ``INFLUENCE_``): every variable
+the app reads goes through a pydantic-settings class here, never ``os.environ``."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["DEFAULT_UPLOAD_LIMIT", "MIN_API_KEY", "Settings"]
+from .limits import DEFAULT_UPLOAD_LIMIT
 
-DEFAULT_UPLOAD_LIMIT = 5 * 1024 * 1024  # bytes
+__all__ = ["DEFAULT_DEMO_RUN", "DEFAULT_UPLOAD_LIMIT", "ENV_PREFIX", "MIN_API_KEY", "DemoSettings",
+           "LogLevel", "Settings"]
+
+ENV_PREFIX = "INFLUENCE_"
 MIN_API_KEY = 16  # characters
+DEFAULT_DEMO_RUN = Path("runs/digits-logreg")
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
 
 class Settings(BaseSettings):
@@ -21,10 +27,11 @@ class Settings(BaseSettings):
     ``run`` is required (there is no safe default run); every field can be set from the
     environment: ``INFLUENCE_RUN``, ``INFLUENCE_HOST``, ``INFLUENCE_PORT``,
     ``INFLUENCE_DATABASE_URL``, ``INFLUENCE_UPLOAD_LIMIT``, ``INFLUENCE_TORCH_THREADS``,
-    ``INFLUENCE_API_KEY``, ``INFLUENCE_CORS_ORIGINS`` (comma-separated).
+    ``INFLUENCE_API_KEY``, ``INFLUENCE_CORS_ORIGINS`` (comma-separated),
+    ``INFLUENCE_LOG_LEVEL``, ``INFLUENCE_JOB_WORKERS``, ``INFLUENCE_MAX_PENDING_JOBS``.
     """
 
-    model_config = SettingsConfigDict(env_prefix="INFLUENCE_", frozen=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True)
 
     run: Path = Field(description="run folder built by `influence build`")
     host: str = Field(default="127.0.0.1", description="interface to listen on")
@@ -43,6 +50,13 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="origins (scheme://host[:port]) whose pages may call the "
         "API from a browser; none by default, '*' for any (never with credentials)")
+
+    log_level: LogLevel = Field(default="info", description="level of the app's and the engine's "
+                                "log records (uvicorn's format when served)")
+    job_workers: int = Field(default=1, ge=1, le=64, description="threads that run background jobs "
+                             "(retraining checks, attacks): retraining is CPU-bound")
+    max_pending_jobs: int = Field(default=8, ge=1, le=1000, description="background jobs queued or "
+                                  "running at once; more are refused with 429")
 
     @property
     def resolved_database_url(self) -> str:
@@ -80,3 +94,12 @@ class Settings(BaseSettings):
         if key is not None and len(key.get_secret_value()) < MIN_API_KEY:
             raise ValueError(f"the API key must be at least {MIN_API_KEY} characters")
         return key
+
+
+class DemoSettings(BaseSettings):
+    """What ``influence demo`` reads from the environment: ``INFLUENCE_DEMO_RUN``, the run folder
+    it builds when missing and then serves."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
+
+    demo_run: Path = Field(default=DEFAULT_DEMO_RUN, description="run folder of `influence demo`")

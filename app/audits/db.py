@@ -10,13 +10,22 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-__all__ = ["DatabaseError", "hide_password", "MIGRATIONS", "head_revision", "make_engine", "migrate", "revision",
-           "session_factory"]
+__all__ = [
+    "MIGRATIONS",
+    "DatabaseError",
+    "head_revision",
+    "hide_password",
+    "make_engine",
+    "migrate",
+    "revision",
+    "session_factory",
+]
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_MS = 30_000  # writers wait this long for SQLite's lock instead of failing at once
@@ -86,9 +95,7 @@ def migrate(engine: Engine) -> str:
             if engine.dialect.name == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(74736)"))  # arbitrary fixed key
             command.upgrade(_alembic_config(conn), "head")
-    except Exception as exc:  # the server is down, the file is read-only, ...
-        if isinstance(exc, DatabaseError):
-            raise
+    except (SQLAlchemyError, CommandError, OSError) as exc:  # server down, file read-only, ...
         raise DatabaseError(f"cannot open the audit database {engine.url.render_as_string()}: "
                             f"{' '.join(str(exc).split())[:300]}") from exc
     return head_revision()

@@ -6,11 +6,18 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from ..limits import (
+    AUDIT_MAX_TESTS,
+    AUDIT_MAX_TRAIN,
+    DEFAULT_TOP,
+    MAX_ITEM_TOP,
+    MAX_ITEMS,
+    MAX_NOTE,
+    MAX_TITLE,
+)
+
 __all__ = ["MAX_ITEMS", "AuditCreate", "AuditUpdate", "GroupItem", "Item", "MislabelItem",
            "TestPointItem"]
-
-MAX_ITEMS = 500  # per request
-MAX_NOTE = 10_000
 
 
 def _storable(text: str) -> str:
@@ -40,7 +47,7 @@ class TestPointItem(_Strict):
     kind: Literal["test_point"]
     test_id: int
     note: Note = ""
-    top: int = Field(default=10, ge=1, le=100, description="entries per list")
+    top: int = Field(default=DEFAULT_TOP, ge=1, le=MAX_ITEM_TOP, description="entries per list")
     ihvp: str | None = Field(default=None, description="IHVP method (default: the run's own)")
 
 
@@ -58,8 +65,8 @@ class GroupItem(_Strict):
     """A group of training points with its influence on chosen test points."""
 
     kind: Literal["group"]
-    train_ids: list[int] = Field(min_length=1, max_length=100_000)
-    test_ids: list[int] = Field(min_length=1, max_length=1_000)
+    train_ids: list[int] = Field(min_length=1, max_length=AUDIT_MAX_TRAIN)
+    test_ids: list[int] = Field(min_length=1, max_length=AUDIT_MAX_TESTS)
     order: Literal[1, 2] = 1
     note: Note = ""
 
@@ -68,11 +75,11 @@ Item = Annotated[TestPointItem | MislabelItem | GroupItem, Field(discriminator="
 
 
 class AuditCreate(_Strict):
-    title: Text = Field(min_length=1, max_length=200)
+    title: Text = Field(min_length=1, max_length=MAX_TITLE)
     description: Text = Field(default="", max_length=MAX_NOTE)
     items: list[Item] = Field(default_factory=list, max_length=MAX_ITEMS)
 
 
 class AuditUpdate(_Strict):
-    title: Text | None = Field(default=None, min_length=1, max_length=200)
+    title: Text | None = Field(default=None, min_length=1, max_length=MAX_TITLE)
     description: Text | None = Field(default=None, max_length=MAX_NOTE)

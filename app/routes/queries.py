@@ -1,4 +1,5 @@
-"""``POST /api/v1/query`` (explain an uploaded image) and ``POST /api/v1/group-influence``."""
+"""``POST /api/v1/query`` (explain an uploaded image), ``POST /api/v1/group-influence`` and
+``GET /api/v1/groups``. The retraining check of a group is a job (:mod:`app.routes.jobs`)."""
 
 from __future__ import annotations
 
@@ -10,20 +11,24 @@ from starlette.concurrency import run_in_threadpool
 
 from ..deps import DashDep, SettingsDep
 from ..images import UploadError
-from ..security import WriterDep
-from ..services import DEFAULT_TOP
-from .params import IhvpParam, TopParam
+from ..limits import (
+    DEFAULT_CLUSTERS,
+    DEFAULT_TOP,
+    MAX_CLUSTERS,
+    MAX_GROUP_TESTS,
+    MAX_GROUP_TRAIN,
+    MULTIPART_OVERHEAD,
+)
+from .params import GroupTopParam, IhvpParam, TopParam
 
 router = APIRouter(prefix="/api/v1", tags=["queries"])
-
-MULTIPART_OVERHEAD = 64 * 1024  # bytes of form framing allowed beyond the upload limit
 
 
 class GroupRequest(BaseModel):
     """A group of training points and the test points whose losses it should be measured on."""
 
-    train_ids: list[int] = Field(min_length=1, max_length=1_000_000, description="the group")
-    test_ids: list[int] = Field(min_length=1, max_length=100_000, description="test points")
+    train_ids: list[int] = Field(min_length=1, max_length=MAX_GROUP_TRAIN, description="the group")
+    test_ids: list[int] = Field(min_length=1, max_length=MAX_GROUP_TESTS, description="test points")
     order: Literal[1, 2] = Field(default=1, description="1: sum of influences; 2: Basu et al. (2020)")
     ihvp: str | None = Field(default=None, description="IHVP method (default: the run's own)")
 
@@ -55,27 +60,14 @@ def group_influence(body: GroupRequest, dash: DashDep) -> dict[str, Any]:
     return dash.group(body.train_ids, body.test_ids, order=body.order, ihvp=body.ihvp)
 
 
-class GroupCheckRequest(BaseModel):
-    train_ids: list[int] = Field(min_length=1, max_length=1_000_000, description="the group")
-    test_ids: list[int] = Field(min_length=1, max_length=10_000, description="test points")
-    ihvp: str | None = Field(default=None, description="IHVP method (default: the run's own)")
-
-
-@router.post("/group-influence/check", dependencies=[WriterDep])
-def group_check(body: GroupCheckRequest, dash: DashDep) -> dict[str, Any]:
-    """First and second order against actually retraining without the group (small models only;
-    seconds for a convex model on digits)."""
-    return dash.group_check(body.train_ids, body.test_ids, ihvp=body.ihvp)
-
-
 @router.get("/groups")
 def group_members(
     dash: DashDep,
     by: Annotated[Literal["class", "mislabels", "cluster"], Query(description="how to choose")],
     label: Annotated[int | None, Query(description="class (by=class)")] = None,
     fraction: Annotated[float, Query(gt=0.0, le=1.0, description="first fraction of the members")] = 1.0,
-    top: Annotated[int | None, Query(ge=1, le=100_000, description="how many (by=mislabels)")] = None,
-    clusters: Annotated[int, Query(ge=2, le=100, description="k-means centres (by=cluster)")] = 8,
+    top: GroupTopParam = None,
+    clusters: Annotated[int, Query(ge=2, le=MAX_CLUSTERS, description="k-means centres (by=cluster)")] = DEFAULT_CLUSTERS,
     cluster: Annotated[int | None, Query(ge=0, description="which centre (by=cluster)")] = None,
 ) -> dict[str, Any]:
     """Training ids of a group chosen by class, by the mislabel ranking, or by a k-means cluster."""

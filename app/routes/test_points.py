@@ -7,12 +7,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 
 from ..deps import DashDep
-from ..services import DEFAULT_LIMIT, DEFAULT_TOP
-from .params import IhvpParam, LimitParam, OffsetParam, TopParam
+from ..limits import DEFAULT_LIMIT, DEFAULT_TOP
+from .params import ConfidenceParam, FastifParam, IhvpParam, LimitParam, OffsetParam, PoolParam, TopParam
 
 router = APIRouter(prefix="/api/v1/test-points", tags=["test points"])
-
-Confidence = Annotated[float | None, Query(ge=0.0, le=1.0)]
 
 
 @router.get("")
@@ -23,8 +21,8 @@ def list_test_points(
     label: Annotated[int | None, Query(description="true class")] = None,
     predicted: Annotated[int | None, Query(description="predicted class")] = None,
     misclassified: Annotated[bool | None, Query(description="only wrong (true) or right (false)")] = None,
-    min_confidence: Confidence = None,
-    max_confidence: Confidence = None,
+    min_confidence: ConfidenceParam = None,
+    max_confidence: ConfidenceParam = None,
 ) -> dict[str, Any]:
     """Test points matching every given filter, in id order: ``total`` matches, one page of ``items``."""
     return dash.test_points(offset=offset, limit=limit, label=label, predicted=predicted,
@@ -44,10 +42,8 @@ def test_point_influence(
     dash: DashDep,
     top: TopParam = DEFAULT_TOP,
     ihvp: IhvpParam = None,
-    fastif: Annotated[int | None, Query(ge=1, le=1_000_000, description=(
-        "FastIF: score only this many nearest training points in the model's feature space"))] = None,
-    pool: Annotated[int, Query(ge=0, le=100_000, description=(
-        "with fastif: also score the points of largest gradient norm"))] = 0,
+    fastif: FastifParam = None,
+    pool: PoolParam = 0,
 ) -> dict[str, Any]:
     """The most helpful (most negative I_up,loss first) and harmful (most positive first) training points."""
     return dash.test_point_influence(test_id, top=top, ihvp=ihvp, fastif=fastif, pool=pool)

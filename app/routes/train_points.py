@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query
 
 from ..deps import DashDep
-from ..services import DEFAULT_LIMIT, DEFAULT_TOP
+from ..limits import DEFAULT_LIMIT, DEFAULT_TOP
 from .params import IhvpParam, LimitParam, OffsetParam, TopParam
 
 router = APIRouter(prefix="/api/v1", tags=["training points"])

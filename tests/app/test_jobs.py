@@ -3,12 +3,15 @@ progress, and its result (confirmed by retraining) comes back with images."""
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 
 import pytest
 from fastapi.testclient import TestClient
 
 from app.jobs import JobManager, QueueFull
+from engine import QueryError
 
 from .conftest import N_TEST
 
@@ -51,26 +54,70 @@ def test_unknown_job_is_404(client: TestClient) -> None:
     assert r.status_code == 404 and "no job" in r.json()["detail"]
 
 
-def test_job_manager_reports_errors_and_bounds_its_queue() -> None:
-    jobs = JobManager(workers=1, max_pending=2)
-    gate = []
+def _finish(jobs: JobManager, job_id: str) -> dict:
+    while jobs.get(job_id).pending:
+        time.sleep(0.01)
+    return jobs.get(job_id).to_dict()
 
-    def slow(report):  # noqa: ANN001, ANN202 - a job body
-        while not gate:
-            time.sleep(0.01)
+
+def test_job_manager_bounds_its_queue_and_shares_keyed_jobs() -> None:
+    jobs = JobManager(workers=1, max_pending=2)
+    gate = threading.Event()
+
+    def slow(report):
+        gate.wait(30)
         report(1, 1)
         return {"ok": True}
 
-    first = jobs.submit("slow", {}, slow)
+    first = jobs.submit("slow", {}, slow, key="k")
+    assert jobs.submit("slow", {}, slow, key="k") is first  # the same key: the same job
     jobs.submit("slow", {}, slow)
     with pytest.raises(QueueFull):
         jobs.submit("slow", {}, slow)
-    gate.append(1)
-    while jobs.get(first.id).status != "done":
-        time.sleep(0.01)
-    failing = jobs.submit("boom", {}, lambda report: 1 / 0)
-    while jobs.get(failing.id).status not in ("done", "error"):
-        time.sleep(0.01)
-    assert jobs.get(failing.id).to_dict()["error"].startswith("ZeroDivisionError")
-    assert jobs.get(first.id).to_dict()["result"] == {"ok": True}
+    assert jobs.submit("slow", {}, slow, key="k") is first  # a shared job needs no queue room
+    gate.set()
+    done = _finish(jobs, first.id)
+    assert done["status"] == "done" and done["result"] == {"ok": True} and done["error_kind"] is None
+    assert done["progress"] == {"done": 1, "total": 1}
+    assert jobs.submit("slow", {}, slow, key="k") is first and jobs.find("k") is first  # finished: kept
     jobs.shutdown()
+
+
+def test_a_domain_error_is_bad_input_and_a_bug_an_internal_error(caplog: pytest.LogCaptureFixture) -> None:
+    jobs = JobManager()
+
+    def refused(report):
+        raise QueryError("top must be between 1 and 500,\n got 0")
+
+    def buggy(report):
+        return 1 / 0
+
+    with caplog.at_level(logging.INFO, logger="app.jobs"):
+        bad = _finish(jobs, jobs.submit("refused", {}, refused).id)
+        bug = _finish(jobs, jobs.submit("buggy", {}, buggy).id)
+    jobs.shutdown()
+    # the engine's refusal is the answer, on one line, and no error is logged for it
+    assert (bad["status"], bad["error_kind"], bad["error"]) == ("error", "bad_input",
+                                                                "top must be between 1 and 500, got 0")
+    # anything else is a bug: said to be internal, with its traceback in the log
+    assert (bug["status"], bug["error_kind"]) == ("error", "internal")
+    assert bug["error"].startswith("internal error, not a problem with the request "
+                                   "(ZeroDivisionError: division by zero)") and bug["id"] in bug["error"]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and bug["id"] in errors[0].getMessage()
+    assert errors[0].exc_info is not None and errors[0].exc_info[0] is ZeroDivisionError
+    assert "Traceback (most recent call last)" in caplog.text and "return 1 / 0" in caplog.text
+
+
+def test_group_check_job_failure_through_the_api(client: TestClient, monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    def broken(*args, **kwargs):
+        raise KeyError("missing")
+
+    monkeypatch.setattr(client.app.state.dashboard, "group_check", broken)  # type: ignore[attr-defined]
+    with caplog.at_level(logging.ERROR, logger="app.jobs"):
+        r = client.post("/api/v1/group-influence/check", json={"train_ids": [1, 2, 7], "test_ids": [5]})
+        assert r.status_code == 202, r.text
+        job = _wait(client, r.json()["url"])
+    assert job["error_kind"] == "internal" and "KeyError" in job["error"]
+    assert any(rec.exc_info and rec.exc_info[0] is KeyError for rec in caplog.records)
