@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 
 import httpx2
 import numpy as np
@@ -191,11 +192,26 @@ def test_group_check_against_retraining(client: TestClient, run: engine.Run) -> 
     """A whole class removed: second order is closer to retraining than the first-order sum."""
     group = np.flatnonzero(run.dataset.y_train == 2)[:10].tolist()
     r = client.post("/api/v1/group-influence/check", json={"train_ids": group, "test_ids": list(range(N_TEST))})
-    assert r.status_code == 200, r.text
-    body = r.json()
+    assert r.status_code == 202, r.text  # a background job: retraining never runs inside a request
+    job = r.json()
+    assert job["kind"] == "group_check" and job["params"] == {"group_size": 10, "n_tests": N_TEST, "ihvp": None}
+    while job["status"] in ("queued", "running"):
+        time.sleep(0.05)
+        job = client.get(job["url"]).json()
+    assert job["status"] == "done", job["error"]
+    body = job["result"]
     assert body["group_size"] == 10 and "exact optimum" in body["ground_truth"]
     err = body["mean_abs_error"]
     assert err["second_order"] < err["first_order"]
     first = client.post("/api/v1/group-influence", json={"train_ids": group, "test_ids": [0, 1]}).json()
     assert [row["first_order"] for row in body["results"][:2]] == pytest.approx(
         [row["predicted_loss_change"] for row in first["results"]])
+
+
+@pytest.mark.parametrize(("body", "status"), [
+    ({"train_ids": [0, N_TRAIN], "test_ids": [0]}, 404), ({"train_ids": [0], "test_ids": [-1]}, 404),
+    ({"train_ids": [], "test_ids": [0]}, 422), ({"train_ids": [0], "test_ids": list(range(10_001))}, 422),
+])
+def test_group_check_refuses_bad_ids_before_starting_a_job(client: TestClient, body: dict, status: int) -> None:
+    r = client.post("/api/v1/group-influence/check", json=body)
+    assert r.status_code == status and r.json()["detail"]
