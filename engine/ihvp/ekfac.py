@@ -31,12 +31,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 __all__ = ["CovarianceAccumulator", "DiagonalAccumulator", "EKFACFactors", "LambdaAccumulator",
            "LayerBlock", "LayerFactors", "eigenbasis", "factors_from_tensors", "factors_to_tensors",
-           "fit_ekfac", "layer_layout", "rest_index"]
+           "fit_ekfac", "group_name", "layer_layout", "rest_index", "split_groups", "unprojected_layout"]
 
 LAMBDA_CHUNK_ELEMENTS = 1 << 24  # samples × d_out × d_in rotated at once (128 MiB of float64)
 Batch = tuple[str, torch.Tensor, torch.Tensor]  # (layer name, a (b, s, d_in), δ (b, s, d_out))
@@ -44,25 +45,38 @@ Batch = tuple[str, torch.Tensor, torch.Tensor]  # (layer name, a (b, s, d_in), �
 
 @dataclass(frozen=True)
 class LayerBlock:
-    """A tracked layer's block of the store's vector: ``vec(G)`` of G (d_out, d_in), row-major,
-    at ``[offset, offset + d_out·d_in)``."""
+    """A tracked layer's block of the store's vector: G (d_out, d_in), row-major ``vec(G)`` at
+    ``[offset, offset + d_out·d_in)``; or, with ``bias_offset``, G's last column (the bias
+    gradient, d_in counting it) at ``[bias_offset, bias_offset + d_out)`` and the weight columns
+    ``G[:, :-1]`` row-major at ``[offset, offset + d_out·(d_in − 1))`` (the parameter order of a
+    layer's weight then bias in the unprojected space)."""
 
     name: str
     d_out: int
     d_in: int
     offset: int
+    bias_offset: int | None = None
 
     @property
     def size(self) -> int:
         return self.d_out * self.d_in
 
     @property
-    def stop(self) -> int:
-        return self.offset + self.size
+    def contiguous(self) -> bool:
+        return self.bias_offset is None
+
+    def index(self) -> torch.Tensor:
+        """The store coordinate of each entry of G, row-major: (d_out·d_in,) int64."""
+        if self.bias_offset is None:
+            return torch.arange(self.offset, self.offset + self.size)
+        w = self.offset + torch.arange(self.d_out * (self.d_in - 1)).view(self.d_out, -1)  # (d_out, d_in-1)
+        b = self.bias_offset + torch.arange(self.d_out).unsqueeze(1)  # (d_out, 1)
+        return torch.cat([w, b], 1).flatten()
 
 
 def layer_layout(shapes: Iterable[tuple[str, int, int]], *, start: int = 0) -> tuple[LayerBlock, ...]:
-    """Consecutive blocks for ``(name, d_out, d_in)`` in order, the first at ``start``."""
+    """Consecutive contiguous blocks for ``(name, d_out, d_in)`` in order, the first at ``start``
+    (the Kronecker-projected store: ``(name, k_out, k_in)``)."""
     out, offset = [], start
     for name, d_out, d_in in shapes:
         out.append(LayerBlock(name, int(d_out), int(d_in), offset))
@@ -70,13 +84,43 @@ def layer_layout(shapes: Iterable[tuple[str, int, int]], *, start: int = 0) -> t
     return tuple(out)
 
 
+def group_name(name: str, group: int, groups: int) -> str:
+    """The block name of one group of a grouped layer (the layer's own name when ungrouped)."""
+    return name if groups == 1 else f"{name}#{group}"
+
+
+def unprojected_layout(layers: Iterable[Any]) -> tuple[LayerBlock, ...]:
+    """Blocks of the unprojected store for tracked Kronecker layers (``TrackedLayer``-like: name,
+    offset, d_out and d_in per group without the bias column, groups, bias): the weight
+    ``(g·d_out, d_in)`` row-major at ``offset``, then the bias (g·d_out,); one block per group
+    (:func:`group_name`), each G_j (d_out, d_in [+1])."""
+    out = []
+    for layer in layers:
+        g, d_out, d_in, bias = int(layer.groups), int(layer.d_out), int(layer.d_in), bool(layer.bias)
+        for j in range(g):
+            out.append(LayerBlock(group_name(layer.name, j, g), d_out, d_in + int(bias),
+                                  layer.offset + j * d_out * d_in,
+                                  layer.offset + g * d_out * d_in + j * d_out if bias else None))
+    return tuple(out)
+
+
+def split_groups(name: str, a: torch.Tensor, delta: torch.Tensor) -> list[Batch]:
+    """Raw captures a (b, s, g, d_in [+1]), δ (b, s, g, d_out) of a layer as one batch per group
+    block; 3-D captures (b, s, d) pass through."""
+    if a.dim() == 3:
+        return [(name, a, delta)]
+    g = a.shape[2]
+    return [(group_name(name, j, g), a[:, :, j], delta[:, :, j]) for j in range(g)]
+
+
 def rest_index(layout: Sequence[LayerBlock], dim: int) -> torch.Tensor:
     """The store coordinates (r,) int64 that no layer block covers, ascending."""
     covered = torch.zeros(dim, dtype=torch.bool)
     for blk in layout:
-        if blk.offset < 0 or blk.stop > dim or covered[blk.offset : blk.stop].any():
+        idx = blk.index()
+        if idx.min() < 0 or idx.max() >= dim or covered[idx].any():
             raise ValueError(f"layer block {blk.name!r} overlaps another or leaves [0, {dim})")
-        covered[blk.offset : blk.stop] = True
+        covered[idx] = True
     return torch.nonzero(~covered).flatten()
 
 
@@ -242,7 +286,7 @@ def fit_ekfac(batches: Callable[[], Iterable[Batch]], layout: Sequence[LayerBloc
     layout's end); coordinates outside every block need ``rest_diagonal`` (r,) from a
     :class:`DiagonalAccumulator` over the store's rows, in :func:`rest_index` order."""
     layout = tuple(layout)
-    dim = max((blk.stop for blk in layout), default=0) if dim is None else dim
+    dim = max((int(blk.index().max()) + 1 for blk in layout), default=0) if dim is None else dim
     rest = rest_index(layout, dim)
     if rest_diagonal is None and len(rest):
         raise ValueError(f"{len(rest)} store coordinates lie outside every layer block: "
@@ -269,13 +313,13 @@ def fit_ekfac(batches: Callable[[], Iterable[Batch]], layout: Sequence[LayerBloc
 
 _TENSOR_FIELDS = ("activation_eigenvectors", "gradient_eigenvectors", "activation_eigenvalues",
                   "gradient_eigenvalues", "lambda_matrix")
-_COUNT_FIELDS = ("num_positions", "num_samples", "offset")
+_COUNT_FIELDS = ("num_positions", "num_samples", "offset", "bias_offset")
 
 
 def factors_to_tensors(factors: EKFACFactors) -> dict[str, torch.Tensor]:
     """The factors as a flat dict of CPU tensors (safetensors- and ``torch.save``-ready):
-    ``layers/<name>/<field>`` per layer (the fields of :class:`LayerFactors` and its ``offset``,
-    counts as int64 scalars), ``dim``, ``rest/index`` and ``rest/diagonal``."""
+    ``layers/<name>/<field>`` per layer (the fields of :class:`LayerFactors`, its ``offset`` and
+    ``bias_offset`` (−1: none), counts as int64 scalars), ``dim``, ``rest/index`` and ``rest/diagonal``."""
     out: dict[str, torch.Tensor] = {"dim": torch.tensor(factors.dim, dtype=torch.int64),
                                     "rest/index": factors.rest.to(torch.int64).cpu(),
                                     "rest/diagonal": factors.rest_diagonal.cpu()}
@@ -283,7 +327,8 @@ def factors_to_tensors(factors: EKFACFactors) -> dict[str, torch.Tensor]:
         f = factors.layers[blk.name]
         for key in _TENSOR_FIELDS:
             out[f"layers/{blk.name}/{key}"] = getattr(f, key).cpu().contiguous()
-        counts = {"num_positions": f.num_positions, "num_samples": f.num_samples, "offset": blk.offset}
+        counts = {"num_positions": f.num_positions, "num_samples": f.num_samples, "offset": blk.offset,
+                  "bias_offset": -1 if blk.bias_offset is None else blk.bias_offset}
         for key, value in counts.items():
             out[f"layers/{blk.name}/{key}"] = torch.tensor(value, dtype=torch.int64)
     return out
@@ -301,7 +346,9 @@ def factors_from_tensors(tensors: Mapping[str, torch.Tensor]) -> EKFACFactors:
         if set(f) != set(_TENSOR_FIELDS) | set(_COUNT_FIELDS):
             raise ValueError(f"EK-FAC factors of layer {name!r} are incomplete: {sorted(f)}")
         lam = f["lambda_matrix"]
-        layout.append(LayerBlock(name, lam.shape[0], lam.shape[1], int(f["offset"])))
+        bias = int(f["bias_offset"])
+        layout.append(LayerBlock(name, lam.shape[0], lam.shape[1], int(f["offset"]),
+                                 None if bias < 0 else bias))
         layers[name] = LayerFactors(**{k: f[k] for k in _TENSOR_FIELDS},
                                     num_positions=int(f["num_positions"]),
                                     num_samples=int(f["num_samples"]))

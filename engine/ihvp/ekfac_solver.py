@@ -54,7 +54,8 @@ class EKFACSolver:
             f = factors.layers[blk.name]
             eig = f.lambda_matrix.to(torch.float64) + self.shift  # (d_out, d_in)
             low, high = min(low, float(eig.min())), max(high, float(eig.max()))
-            self._layers.append((blk, *(t.to(device=self.device, dtype=dtype) for t in (
+            index = None if blk.contiguous else blk.index().to(self.device)  # (d_out·d_in,)
+            self._layers.append((blk, index, *(t.to(device=self.device, dtype=dtype) for t in (
                 f.gradient_eigenvectors, f.activation_eigenvectors, eig))))
         rest_eig = factors.rest_diagonal.to(torch.float64) + self.shift  # (r,)
         if len(rest_eig):
@@ -76,14 +77,15 @@ class EKFACSolver:
             raise ValueError(f"EK-FAC acts on vectors of {self.factors.dim}, got {b2.shape[0]}")
         m = b2.shape[1]
         out = torch.empty_like(b2)  # (d, m)
-        for blk, q_s, q_a, eig in self._layers:
+        for blk, index, q_s, q_a, eig in self._layers:
+            rows = slice(blk.offset, blk.offset + blk.size) if index is None else index
             step = max(1, SOLVE_BLOCK_ELEMENTS // blk.size)
             for start in range(0, m, step):
                 cols = slice(start, min(start + step, m))
-                x = b2[blk.offset : blk.stop, cols].T.reshape(-1, blk.d_out, blk.d_in)  # (c, d_out, d_in)
+                x = b2[rows, cols].T.reshape(-1, blk.d_out, blk.d_in)  # (c, d_out, d_in)
                 y = q_s.T @ x @ q_a  # (c, d_out, d_in) in the Kronecker eigenbasis
                 y = y / eig if inverse else y * eig
-                out[blk.offset : blk.stop, cols] = (q_s @ y @ q_a.T).reshape(-1, blk.size).T
+                out[rows, cols] = (q_s @ y @ q_a.T).reshape(-1, blk.size).T
         index, rest_eig = self._rest
         if len(index):
             scale = rest_eig.unsqueeze(1)  # (r, 1)
@@ -108,6 +110,7 @@ class EKFACSolver:
             "method": getattr(self.method, "value", self.method),
             "dim": f.dim,
             "layers": [{"name": blk.name, "d_out": blk.d_out, "d_in": blk.d_in, "offset": blk.offset,
+                        "bias_offset": blk.bias_offset,
                         "samples": f.layers[blk.name].num_samples,
                         "positions": f.layers[blk.name].num_positions}
                        for blk in f.layout],

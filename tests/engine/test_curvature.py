@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable, Iterable
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,6 +22,8 @@ from engine.ihvp.ekfac import (
     fit_ekfac,
     layer_layout,
     rest_index,
+    split_groups,
+    unprojected_layout,
 )
 from engine.ihvp.ekfac_solver import EKFACSolver
 from engine.ihvp.fisher import FisherSolver
@@ -70,8 +73,8 @@ def _dense_ekfac(factors: EKFACFactors, shift: float) -> torch.Tensor:
     h = torch.zeros(factors.dim, factors.dim, dtype=F64)
     for blk in factors.layout:
         k = _kron_basis(factors, blk.name)
-        h[blk.offset : blk.stop, blk.offset : blk.stop] = (k * factors.layers[blk.name].lambda_matrix
-                                                           .flatten()) @ k.T
+        idx = blk.index()
+        h[idx.unsqueeze(1), idx] = (k * factors.layers[blk.name].lambda_matrix.flatten()) @ k.T
     h[factors.rest, factors.rest] = factors.rest_diagonal
     return h + shift * torch.eye(factors.dim, dtype=F64)
 
@@ -134,7 +137,7 @@ def _store_rows(layers: Layers, layout: tuple[LayerBlock, ...], dim: int, seed: 
     n = next(iter(layers.values()))[0].shape[0]
     rows = torch.randn(n, dim, generator=_gen(seed), dtype=F64)  # the rest: other tracked params
     for blk in layout:
-        rows[:, blk.offset : blk.stop] = _grads(*layers[blk.name])
+        rows[:, blk.index()] = _grads(*layers[blk.name])
     return rows
 
 
@@ -264,6 +267,44 @@ def test_ekfac_in_the_kronecker_projected_space() -> None:
     k = _kron_basis(factors, "fc")
     torch.testing.assert_close(factors.layers["fc"].lambda_matrix.flatten(),
                                torch.diagonal(k.T @ (proj.T @ proj / 30) @ k), rtol=1e-10, atol=1e-12)
+
+
+def test_unprojected_layers_with_bias_and_groups() -> None:
+    """The unprojected store holds a layer's weight (g·d_out, d_in) row-major, then its bias
+    (g·d_out,): one block per group whose last column (the bias) lives apart."""
+    n, s, g, d_out, d_in = 20, 3, 2, 3, 4
+    gen = _gen(60)
+    a = torch.cat([torch.randn(n, s, g, d_in, generator=gen, dtype=F64),
+                   torch.ones(n, s, g, 1, dtype=F64)], 3)  # (n, s, g, d_in + 1)
+    delta = torch.randn(n, s, g, d_out, generator=gen, dtype=F64)  # (n, s, g, d_out)
+    layer = SimpleNamespace(name="conv", offset=2, d_out=d_out, d_in=d_in, groups=g, bias=True)
+    blocks = torch.einsum("bsgo,bsgi->bgoi", delta, a)  # (n, g, d_out, d_in + 1)
+    rows = torch.randn(n, 33, generator=gen, dtype=F64)  # 2 + 24 weights + 6 biases + 1
+    rows[:, 2:26] = blocks[..., :d_in].reshape(n, -1)  # weight.view(C_out, -1), groups stacked
+    rows[:, 26:32] = blocks[..., -1].reshape(n, -1)  # bias
+    layout = unprojected_layout([layer])
+    assert [blk.name for blk in layout] == ["conv#0", "conv#1"]
+    for j, blk in enumerate(layout):
+        assert torch.equal(rows[:, blk.index()], blocks[:, j].reshape(n, -1))
+    assert rest_index(layout, 33).tolist() == [0, 1, 32]
+
+    def batches() -> Iterable[tuple[str, torch.Tensor, torch.Tensor]]:
+        for rows_in in (slice(0, 7), slice(7, n)):  # raw 4-D captures, split per group
+            yield from split_groups("conv", a[rows_in], delta[rows_in])
+    diag = DiagonalAccumulator(rest_index(layout, 33))
+    diag.update(rows)
+    factors = fit_ekfac(batches, layout, dim=33, rest_diagonal=diag.diagonal())
+    for j, blk in enumerate(layout):
+        grads = blocks[:, j].reshape(n, -1)
+        k = _kron_basis(factors, blk.name)
+        torch.testing.assert_close(factors.layers[blk.name].lambda_matrix.flatten(),
+                                   torch.diagonal(k.T @ (grads.T @ grads / n) @ k), rtol=1e-10, atol=1e-12)
+    b = torch.randn(33, 4, generator=_gen(61), dtype=F64)
+    solver = EKFACSolver(factors, damping=0.02)
+    torch.testing.assert_close(solver.solve(b), torch.linalg.solve(_dense_ekfac(factors, 0.02), b),
+                               rtol=1e-10, atol=1e-12)
+    back = factors_from_tensors(factors_to_tensors(factors))
+    assert back.layout == layout and torch.equal(EKFACSolver(back, damping=0.02).solve(b), solver.solve(b))
 
 
 def test_ekfac_refuses_bad_input() -> None:
