@@ -147,7 +147,7 @@ def test_concurrent_item_writes_lose_nothing(run_path: Path, db_url: str) -> Non
                                      {"kind": "mislabel", "train_id": (w * 12 + j) % N_TRAIN,
                                       "note": f"w{w}-{j}"}, token)
                     assert status == 201
-                except Exception as exc:  # collected: a thread's assert would be lost
+                except Exception as exc:  # noqa: BLE001 - collected: a thread's failure would be lost
                     errors.append(f"{w}-{j}: {exc}")
 
         threads = [threading.Thread(target=writer, args=(w,)) for w in range(8)]
@@ -227,7 +227,7 @@ def test_exports(audit_client: TestClient) -> None:
     html = audit_client.get(f"/audits/{slug}.html")
     assert html.status_code == 200 and "attachment" in html.headers["content-disposition"]
     text = html.text
-    markup = re.sub(r"<script>.*?</script>", "", text, flags=re.S)  # the inlined code itself aside
+    markup = re.sub(r"<script>.*?</script>", "", text, flags=re.DOTALL)  # the inlined code itself aside
     assert not re.search(r'(src|href)="(https?:)?/', markup)  # nothing to fetch: opens from a file
     assert markup.count("data:image/png;base64,") == sum(len(it["images"]) for it in audit["items"])
     assert "Plotly.newPlot" in text and len(text) > 1_000_000  # plotly.js inlined
@@ -281,10 +281,9 @@ def test_unknown_slugs_are_404(audit_client: TestClient) -> None:
 def test_bad_database_url_fails_at_start(run_path: Path, tmp_path: Path) -> None:
     from app.audits.db import DatabaseError
 
-    with pytest.raises(DatabaseError, match="does not exist"):
-        with _client(run_path, f"sqlite:///{tmp_path}/missing/dir/a.sqlite3"):
-            pass
-    with pytest.raises(DatabaseError, match="bad database URL"):
-        with _client(run_path, "not a url"):
-            pass
+    with pytest.raises(DatabaseError, match="does not exist"), \
+            _client(run_path, f"sqlite:///{tmp_path}/missing/dir/a.sqlite3"):
+        pass
+    with pytest.raises(DatabaseError, match="bad database URL"), _client(run_path, "not a url"):
+        pass
 

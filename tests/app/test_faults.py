@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 import sqlalchemy as sa
@@ -114,7 +114,7 @@ def test_a_broken_run_is_refused_at_start(run_path: Path, tmp_path: Path, case: 
     shutil.copytree(run_path, broken)
     damage(broken / name)
     proc = subprocess.run(_serve_cmd(broken, _free_port()), cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, env=_env())
+                          timeout=120, env=_env(), check=False)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("influence: error:"), proc.stderr
@@ -170,7 +170,7 @@ class Writers:
             except (OSError, http.client.HTTPException, ValueError):
                 return  # the server is gone
 
-    def __enter__(self) -> Writers:
+    def __enter__(self) -> Self:
         for t in self.threads:
             t.start()
         return self

@@ -11,7 +11,7 @@ from pathlib import Path
 from app.main import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
-import mixed_load  # noqa: E402  (a benchmark script beside the package)
+import mixed_load
 
 
 def test_mixed_load_has_no_errors(run_path: Path, tmp_path: Path) -> None:

@@ -69,7 +69,7 @@ def test_nonce_is_fresh_and_on_the_docs_inline_script(client: TestClient) -> Non
 def test_pages_have_no_inline_script_the_policy_would_block(client: TestClient) -> None:
     for path in ["/", "/test-points", "/test-points/0", "/train-points/0", "/mislabels", "/query", "/groups"]:
         html = client.get(path).text
-        for attrs, body in re.findall(r"<script([^>]*)>(.*?)</script>", html, flags=re.S):
+        for attrs, body in re.findall(r"<script([^>]*)>(.*?)</script>", html, flags=re.DOTALL):
             assert "src=" in attrs or "application/json" in attrs or not body.strip(), path
         assert not re.search(r"\son[a-z]+=", html), f"inline event handler on {path}"
 
