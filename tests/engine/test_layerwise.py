@@ -14,7 +14,12 @@ from engine.errors import ModelError
 from engine.grads.capture import capture
 from engine.grads.kronecker import EXACT_BLOCK, KroneckerProjector
 from engine.grads.layers import LayerKind, select_modules
-from engine.grads.layerwise import layer_gradients, layer_matrices, layerwise_grads
+from engine.grads.layerwise import (
+    gradient_energy,
+    layer_gradients,
+    layer_matrices,
+    layerwise_grads,
+)
 from engine.models.losses import cross_entropy
 from engine.models.objective import Objective
 
@@ -301,3 +306,26 @@ def test_layerwise_grads_chunks_dtype_and_sink() -> None:
     g32 = layerwise_grads(model32, cross_entropy, x, y, selection=sel, projector=proj32)
     assert g32.dtype == torch.float32
     np.testing.assert_allclose(g32.numpy(), one.numpy(), rtol=1e-3, atol=1e-5)
+
+
+def test_gradient_energy_weights_the_split() -> None:
+    model, x, y = setup("resnet", n=9)
+    sel = select_modules(model)
+    energy = gradient_energy(model, cross_entropy, x, y, selection=sel, chunk=4)
+    full = reference(model, x, y, sel)
+    for layer in sel.layers:
+        want = full[:, layer.offset : layer.offset + layer.numel].pow(2).sum(1).mean().item()
+        assert energy[layer.name] == pytest.approx(want, rel=1e-10)
+    proj = KroneckerProjector(sel, 60, seed=1, dtype=F64, weights=energy)
+    split = proj.split()
+    assert split["k"] == 60 and split["weights"][EXACT_BLOCK] == pytest.approx(
+        sum(energy[layer.name] for layer in sel.exact))
+    by_params = KroneckerProjector(sel, 60, seed=1, dtype=F64).split()
+    assert [b["k"] for b in split["blocks"]] != [b["k"] for b in by_params["blocks"]]
+    head = next(b for b in split["blocks"] if b["name"] == "6")
+    assert head["k"] >= next(b for b in by_params["blocks"] if b["name"] == "6")["k"]
+    again = KroneckerProjector.from_split(sel, json.loads(json.dumps(split)), dtype=F64)
+    assert again.split() == split
+    assert torch.equal(again.matrices("6")[1], proj.matrices("6")[1])
+    with pytest.raises(ModelError, match="no split weight"):
+        KroneckerProjector(sel, 60, seed=1, dtype=F64, weights={"6": 1.0})
