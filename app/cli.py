@@ -17,9 +17,11 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from engine.config import IHVPMethod
+from engine.options import add_build_options, build_kwargs
+
 PROG = "influence"
-DEMO_RUN = Path(os.environ.get("INFLUENCE_DEMO_RUN", "runs/digits-logreg"))
-METHODS = ("exact", "cg", "lissa", "projected")
+METHODS = tuple(m.value for m in IHVPMethod)
 
 
 class UsageError(Exception):
@@ -36,34 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     b = sub.add_parser("build", help="train (or load) a model and precompute a run")
-    b.add_argument("--data", required=True, help="digits, PATH.npz or an image folder")
-    b.add_argument("--model", required=True,
-                   help="logreg, svm, mlp, cnn, a TorchScript file, or package.module:factory")
-    b.add_argument("--out", required=True, type=Path, help="run folder to create")
-    b.add_argument("--weight-decay", type=float, default=1e-2, help="λ of the objective (1e-2)")
-    b.add_argument("--damping", type=float, default=0.0, help="δ added to the Hessian (0)")
-    b.add_argument("--ihvp", choices=METHODS, default="exact", help="default IHVP method (exact)")
-    b.add_argument("--project", type=int, default=None, metavar="K",
-                   help="store gradients projected to K dims (needs --ihvp projected)")
-    b.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--dtype", default="auto", choices=("auto", "float64", "float32"))
-    b.add_argument("--store-dtype", default="auto",
-                   choices=("auto", "float64", "float32", "float16", "bfloat16"),
-                   help="gradient store dtype (auto: the compute dtype); float16/bfloat16 halve "
-                        "the store of a large projected run, scores accumulate in float32")
-    b.add_argument("--chunk-size", type=int, default=512,
-                   help="training points per per-sample-gradient block and store write (512)")
-    b.add_argument("--resume", action="store_true",
-                   help="continue a killed build of the same settings from its .OUT.partial folder")
+    add_build_options(b)  # defaults from engine.config.BuildConfig (engine/options.py)
     b.add_argument("--distributed", action="store_true",
                    help="one process of a torchrun job: shard the gradients and curvature "
                         "over the processes (gloo on CPUs, NCCL on GPUs)")
-    b.add_argument("--weights", default=None, help="state_dict for a module:factory model")
-    b.add_argument("--svm-temperature", type=float, default=0.01,
-                   help="temperature t of the smooth hinge svm influence goes through (0.01)")
-    b.add_argument("--epochs", type=int, default=None, help="training epochs for mlp/cnn")
-    b.add_argument("--force", action="store_true", help="replace an existing --out")
     b.add_argument("--json", action="store_true", help="print the run summary as JSON")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -182,7 +160,7 @@ def _group(run: Any, args: argparse.Namespace) -> None:
         members = np.flatnonzero(run.dataset.y_train == args.label)
         ids = members[: max(1, round(args.fraction * len(members)))].tolist()
     tests = args.test_index if args.test_index is not None else list(range(run.n_test))
-    out = group_influence(run, ids, tests, order=args.order, ihvp=args.ihvp)
+    out = group_influence(run, ids, tests, order=args.order, ihvp=args.ihvp).to_dict()
     if args.check:
         actual = group_removal(run, ids, tests)["actual"]
         for row, a in zip(out["results"], actual):
@@ -237,12 +215,12 @@ def _print_trust(report: dict[str, Any]) -> None:
 
 def _summary(run: Any) -> dict[str, Any]:
     info = run.info
-    return {"run": str(run.path), "model": info["model"]["kind"], "n_params": info["model"]["n_params"],
-            "n_train": info["data"]["n_train"], "n_test": info["data"]["n_test"],
-            "grad_norm": info["training"]["grad_norm"],
-            "train_accuracy": info["training"]["train_accuracy"],
-            "test_accuracy": info["training"]["test_accuracy"],
-            "ihvp": info["config"]["ihvp"], "timings": info["timings"]}
+    return {"run": str(run.path), "model": info.model.kind.value, "n_params": info.model.n_params,
+            "n_train": info.data.n_train, "n_test": info.data.n_test,
+            "grad_norm": info.training["grad_norm"],
+            "train_accuracy": info.training["train_accuracy"],
+            "test_accuracy": info.training["test_accuracy"],
+            "ihvp": info.config.ihvp.value, "timings": info.timings}
 
 
 def _serve(run_path: Path, host: str, port: int, run: Any) -> None:
@@ -257,18 +235,10 @@ def _dispatch(args: argparse.Namespace) -> None:
     import engine
 
     if args.command == "build":
-        opts: dict[str, Any] = {"dtype": args.dtype, "weights": args.weights,
-                                "svm_temperature": args.svm_temperature,
-                                "store_dtype": args.store_dtype, "chunk_size": args.chunk_size}
-        if args.epochs is not None:
-            opts["train"] = engine.TrainConfig(epochs=args.epochs)
         build: Any = engine.build
         if args.distributed:
             from engine.distributed import build_distributed as build
-        run = build(args.data, args.model, args.out, weight_decay=args.weight_decay,
-                    damping=args.damping, ihvp=args.ihvp, project=args.project,
-                    device=args.device, seed=args.seed, force=args.force, resume=args.resume,
-                    progress=not args.quiet, **opts)
+        run = build(args.data, args.model, args.out, progress=not args.quiet, **build_kwargs(args))
         if run is None:  # a torchrun process other than rank 0: rank 0 reports
             return
         summary = _summary(run)
@@ -280,13 +250,16 @@ def _dispatch(args: argparse.Namespace) -> None:
                   f"{summary['timings']['total_s']:.1f} s")
         return
     if args.command == "demo":
+        from app.settings import DemoSettings
+
+        demo_run = DemoSettings().demo_run  # INFLUENCE_DEMO_RUN
         try:
-            run = engine.open_run(DEMO_RUN)
+            run = engine.open_run(demo_run)
         except engine.RunError as exc:  # missing, stale or from an older version: build it afresh
-            if (DEMO_RUN / "run.json").exists():
+            if (demo_run / "run.json").exists():
                 print(f"rebuilding the demo run: {exc}", file=sys.stderr)
-            run = engine.build("digits", "logreg", DEMO_RUN, force=DEMO_RUN.exists())
-        _serve(DEMO_RUN, args.host, args.port, run)
+            run = engine.build("digits", "logreg", demo_run, force=demo_run.exists())
+        _serve(demo_run, args.host, args.port, run)
         return
     if args.command == "serve":
         # opened here, once: a bad run is refused with a one-line error before the server starts

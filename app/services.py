@@ -14,19 +14,15 @@ import numpy as np
 
 from engine import IHVPMethod, IndexOutOfRange, QueryError, Run
 from engine.group import group_influence
-from engine.models.train import NEWTON_MAX_PARAMS
 from engine.trust import load_trust
 from engine.validate import group_removal
 
 from .images import decode_upload, png_data_url
+from .limits import DEFAULT_CLUSTERS, DEFAULT_LIMIT, DEFAULT_TOP, MAX_CLUSTERS, MAX_LIMIT, MAX_TOP
 
 __all__ = ["DEFAULT_LIMIT", "DEFAULT_TOP", "MAX_LIMIT", "MAX_TOP", "Dashboard", "check_index"]
 
 RANKINGS = ("self_influence", "loss", "grad_norm")
-DEFAULT_TOP = 10
-MAX_TOP = 500
-DEFAULT_LIMIT = 50
-MAX_LIMIT = 1000
 
 
 def check_index(index: int, n: int, what: str) -> int:
@@ -68,7 +64,7 @@ class Dashboard:
     @property
     def methods(self) -> list[str]:
         """IHVP methods a query may ask for on this run."""
-        if self.run.projector is not None:
+        if self.run.store.projected:
             return [IHVPMethod.PROJECTED.value]
         return [m.value for m in IHVPMethod if m is not IHVPMethod.PROJECTED]
 
@@ -78,9 +74,9 @@ class Dashboard:
     def health(self) -> dict[str, Any]:
         run = self.run
         return {"status": "ok", "n_train": run.n_train, "n_test": run.n_test,
-                "n_classes": run.dataset.n_classes, "model": run.info["model"]["kind"],
+                "n_classes": run.dataset.n_classes, "model": run.info.model.kind.value,
                 "ihvp": run.default_method.value, "methods": self.methods,
-                "test_accuracy": run.info["training"].get("test_accuracy")}
+                "test_accuracy": run.info.training.get("test_accuracy")}
 
     def summary(self, ihvp: str | None = None) -> dict[str, Any]:
         """The run at a glance: data, model, training, accuracy, confusion matrix, IHVP report."""
@@ -94,10 +90,10 @@ class Dashboard:
             "data": run.dataset.source,
             "class_names": self.class_names,
             "input_shape": list(run.dataset.input_shape),
-            "n_params": run.info["model"].get("n_params"),
+            "n_params": run.info.model.n_params,
             "weight_decay": run.config.weight_decay,
             "damping": run.config.damping,
-            "training": run.info["training"],
+            "training": run.info.training,
             "accuracy": float((y == pred).mean()),
             "confusion": confusion.tolist(),
             "ihvp_report": run.ihvp_report(ihvp),
@@ -168,7 +164,7 @@ class Dashboard:
     def _self_order(self, ihvp: str | None) -> tuple[np.ndarray, np.ndarray]:
         """Self-influence (n,) and the ids ranked by its magnitude, largest first."""
         s = self.run.self_influence(ihvp)
-        return s, self.run.cached(("self-rank", ihvp or self.run.default_method.value),
+        return s, self.run.cache.get(("self-rank", ihvp or self.run.default_method.value),
                                 lambda: np.argsort(-np.abs(s), kind="stable"))
 
     def train_point(self, train_id: int, *, ihvp: str | None = None) -> dict[str, Any]:
@@ -211,7 +207,7 @@ class Dashboard:
         loss, norm = self.run.train_losses(), self.run.gradient_norms()
         if by != "self_influence":
             values = loss if by == "loss" else norm
-            order = self.run.cached((f"{by}-rank", ""), lambda: np.argsort(-values, kind="stable"))
+            order = self.run.cache.get((f"{by}-rank",), lambda: np.argsort(-values, kind="stable"))
         page = order[_page(len(order), offset, top)]
         proba = self.run.predictions("train")
         y = self.run.dataset.y_train
@@ -227,7 +223,7 @@ class Dashboard:
         up-weighting it moves most); the full vector is ``influence params`` on the CLI."""
         i = check_index(train_id, self.run.n_train, "train")
         vec = self.run.params(i, ihvp=ihvp)  # (p,) in named_parameters() order
-        obj = self.run.objective
+        obj = self.run.model.objective
         layers, start = [], 0
         for name, shape, numel in zip(obj.names, obj.shapes, obj.numels):
             part = vec[start : start + numel]
@@ -254,10 +250,10 @@ class Dashboard:
     # ------------------------------------------------------------------ groups and uploads
     def group(self, train_ids: Sequence[int], test_ids: Sequence[int], *, order: int = 1,
               ihvp: str | None = None) -> dict[str, Any]:
-        return group_influence(self.run, train_ids, test_ids, order=order, ihvp=ihvp)
+        return group_influence(self.run, train_ids, test_ids, order=order, ihvp=ihvp).to_dict()
 
     def group_members(self, *, by: str, label: int | None = None, fraction: float = 1.0,
-                      top: int | None = None, clusters: int = 8, cluster: int | None = None,
+                      top: int | None = None, clusters: int = DEFAULT_CLUSTERS, cluster: int | None = None,
                       seed: int = 0) -> dict[str, Any]:
         """Training ids of a group: ``class`` (the first ``fraction`` of class ``label``, in id
         order), ``mislabels`` (the ``top`` by |self-influence|), or ``cluster`` (k-means with
@@ -272,11 +268,11 @@ class Dashboard:
         elif by == "mislabels":
             ids = self._self_order(None)[1][: top or DEFAULT_TOP]
         elif by == "cluster":
-            if not 2 <= clusters <= 100 or cluster is None or not 0 <= cluster < clusters:
-                raise QueryError("cluster needs clusters in 2..100 and cluster in 0..clusters-1")
+            if not 2 <= clusters <= MAX_CLUSTERS or cluster is None or not 0 <= cluster < clusters:
+                raise QueryError(f"cluster needs clusters in 2..{MAX_CLUSTERS} and cluster in 0..clusters-1")
             if clusters > run.n_train:
                 raise QueryError(f"clusters ({clusters}) cannot exceed the {run.n_train} training points")
-            assign = run.cached((f"kmeans-{clusters}-{seed}", ""), lambda: self._kmeans(clusters, seed))
+            assign = run.cache.get(("kmeans", clusters, seed), lambda: self._kmeans(clusters, seed))
             ids = np.flatnonzero(assign == cluster)
         else:
             raise QueryError(f"unknown group selection {by!r}: use class, mislabels or cluster")
@@ -295,8 +291,9 @@ class Dashboard:
         Convex models only (seconds at most, so it can answer within a request); a network's
         retraining takes minutes: use ``influence group --check`` for it."""
         run = self.run
-        if not run.info["training"].get("convex") or run.objective.n_params > NEWTON_MAX_PARAMS:
-            raise QueryError(f"retraining a {run.info['model']['kind']} ({run.objective.n_params} "
+        n_params = run.model.n_params
+        if not run.info.model.convex or n_params > run.config.train.newton_max_params:
+            raise QueryError(f"retraining a {run.info.model.kind.value} ({n_params} "
                              "parameters) takes minutes: check it with `influence group --check`")
         first = self.group(train_ids, test_ids, order=1, ihvp=ihvp)
         second = self.group(train_ids, test_ids, order=2, ihvp=ihvp)

@@ -105,23 +105,27 @@ def check_projected_opened_on_device(device: torch.device, tmp: Path, data: Path
     run = engine.open_run(built.path, device=str(device))
     got = run.scores()
     err = rel_err(got, want)
-    top = run.top_influences(run.test_gradients(np.arange(4)), top=TOP)
-    ids_ok = all([r["train_id"] for r in t["helpful"]] == np.argsort(want[:, j])[:TOP].tolist()
-                  for j, t in enumerate(top))
-    return {"resident_dtype": str(run.resident.dtype), "max_rel_err": err, "helpful_ids_equal": ids_ok,
-            "ok": err <= 2e-3 and run.resident.data.device.type == device.type}
+    top = run.queries.top_influences(run.queries.test_gradients(np.arange(4)), top=TOP)
+    ids_ok = all(top.helpful_ids[:, j].tolist() == np.argsort(want[:, j])[:TOP].tolist()
+                 for j in range(4))
+    return {"resident_dtype": str(run.store.resident.dtype), "max_rel_err": err, "helpful_ids_equal": ids_ok,
+            "ok": err <= 2e-3 and run.store.resident.data.device.type == device.type}
 
 
 def check_concurrent_queries(device: torch.device, tmp: Path, data: Path) -> dict[str, Any]:
     """Eight threads querying one device run get the serial answers (the per-thread module pool)."""
     run = engine.build(str(data), "mlp", tmp / "mlp-threads", device=str(device), ihvp="cg",
                        progress=False)
-    serial = {j: run.top_influences(run.test_gradients([j]), top=TOP)[0] for j in range(16)}
+    def top(j: int) -> list[int]:
+        found = run.queries.top_influences(run.queries.test_gradients([j]), top=TOP)
+        return found.helpful_ids[:, 0].tolist() + found.harmful_ids[:, 0].tolist()
+
+    serial = {j: top(j) for j in range(16)}
     wrong: list[int] = []
 
     def worker(offset: int) -> None:
         for j in range(offset, 16, 2):
-            if run.top_influences(run.test_gradients([j]), top=TOP)[0] != serial[j]:
+            if top(j) != serial[j]:
                 wrong.append(j)
 
     threads = [threading.Thread(target=worker, args=(i % 2,)) for i in range(8)]

@@ -58,16 +58,16 @@ def one(model: str, device: str, loo_tests: int, lissa_tests: int) -> dict:
                 "seconds": time.perf_counter() - t,
                 "pearson_vs_exact": float(np.corrcoef(s.ravel(), exact[:, :n_tests].ravel())[0, 1]),
                 "settings": run.ihvp_report(method)["settings"],
-                "diagnostics": run.ihvp_report(method)["diagnostics"],
+                "diagnostics": run.explain(0, ihvp=method)["ihvp"]["diagnostics"],
             }
         loo = leave_one_out(run, test_index=list(range(loo_tests)), top=8)
         self_t = _median_time(run.self_influence, repeats=3)
         out = {
-            "model": model, "device": str(run.device), "n_params": info["model"]["n_params"],
+            "model": model, "device": str(run.device), "n_params": info.model.n_params,
             "n_train": run.n_train, "n_test": run.n_test,
-            "test_accuracy": info["training"]["test_accuracy"],
-            "grad_norm": info["training"]["grad_norm"],
-            "build_s": build_s, "build_timings": info["timings"],
+            "test_accuracy": info.training["test_accuracy"],
+            "grad_norm": info.training["grad_norm"],
+            "build_s": build_s, "build_timings": info.timings,
             "query_one_ms": 1e3 * one_query,
             "scores_all_s": all_scores,
             "self_influence_s": self_t,

@@ -93,7 +93,7 @@ def open_or_build(n_train: int, folder: Path, *, model: str, weight_decay: float
     out = folder / name
     if out.exists():
         run = engine.open_run(out)
-        return run, float(run.info["timings"]["total_s"])
+        return run, float(run.info.timings["total_s"])
     data = make_data(n_train, folder / f"data-n{n_train}-shift{shift}-noise{noise:g}.npz",
                      shift=shift, noise=noise)
     t = time.perf_counter()
@@ -121,7 +121,8 @@ def one(n_train: int, *, model: str, tests: int, top: int, candidates: list[int]
 
         def full(i: int) -> tuple[dict, float]:
             t = time.perf_counter()
-            res = run.top_influences(run.test_gradients(np.array([i])), top=top)[0]
+            res = run.queries.top_influences(run.queries.test_gradients(np.array([i])), top=top).lists(
+                0, run.dataset.y_train)
             return res, time.perf_counter() - t
 
         full(0)  # warm-up
@@ -131,7 +132,7 @@ def one(n_train: int, *, model: str, tests: int, top: int, candidates: list[int]
             full_res.append(res)
             full_t.append(dt)
             t = time.perf_counter()
-            solver.solve(run.test_gradients(np.array([i])).T.contiguous())
+            solver.solve(run.queries.test_gradients(np.array([i])).T.contiguous())
             solve_t.append(time.perf_counter() - t)
         rows = []
         for c, pool in ((c, pool) for pool in pools for c in candidates):
@@ -155,15 +156,15 @@ def one(n_train: int, *, model: str, tests: int, top: int, candidates: list[int]
         return {
             "n_train": run.n_train, "n_test_queried": len(ids), "model": model, "shift": shift,
             "noise": noise,
-            "n_params": run.info["model"]["n_params"], "feature_dim": index.dim,
-            "test_accuracy": run.info["training"]["test_accuracy"],
-            "grad_norm": run.info["training"]["grad_norm"],
+            "n_params": run.info.model.n_params, "feature_dim": index.dim,
+            "test_accuracy": run.info.training["test_accuracy"],
+            "grad_norm": run.info.training["grad_norm"],
             "weight_decay": weight_decay, "train": train_config(n_train),
-            "train_accuracy": run.info["training"]["train_accuracy"],
-            "build_s": build_s, "build_timings": run.info["timings"], "index_build_s": index_s,
+            "train_accuracy": run.info.training["train_accuracy"],
+            "build_s": build_s, "build_timings": run.info.timings, "index_build_s": index_s,
             "knn_backend": index.backend, "faiss": faiss_available(),
             "full_ms": _median_ms(full_t), "solve_ms": _median_ms(solve_t),
-            "store_mb": run.resident.nbytes / 2**20,
+            "store_mb": run.store.resident.nbytes / 2**20,
             "fastif": rows, "torch_threads": torch.get_num_threads(),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }

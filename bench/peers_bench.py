@@ -303,9 +303,9 @@ def worker_ours(shared: Path, settings: dict[str, Any], repeats: int) -> dict[st
     t_open_first = time.perf_counter() - t
     return {"scores": scores, "total_s": total, "build_s": t_build, "first_query_s": t_first,
             "query_s": query, "query_repeats": reps, "open_s": t_open, "opened_first_query_s": t_open_first,
-            "peak_extra_mb": hwm - base, "peak_rss_mb": hwm, "build_timings": run.info["timings"],
-            "training": {k: run.info["training"].get(k) for k in ("grad_norm", "iterations", "test_accuracy")},
-            "theta": run.theta.cpu().numpy()}
+            "peak_extra_mb": hwm - base, "peak_rss_mb": hwm, "build_timings": run.info.timings,
+            "training": {k: run.info.training.get(k) for k in ("grad_norm", "iterations", "test_accuracy")},
+            "theta": run.model.theta.cpu().numpy()}
 
 
 def worker_train(shared: Path) -> dict[str, Any]:

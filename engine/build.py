@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -26,22 +27,26 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import CONVEX_MODELS, BuildConfig, IHVPMethod, ModelKind
-from .data import Dataset, fingerprint, load_data
+from .config import BuildConfig, IHVPMethod, ModelKind
+from .data import BUILTIN_DATA, IDX_PREFIX, Dataset, fingerprint, load_data
 from .distributed import Comm, LocalComm, reduced_hessian, reduced_hvp, shard_rows
 from .errors import InfluenceError, RunError
 from .grads.per_sample import per_sample_grads
 from .grads.projection import Projector
-from .ihvp import data_hessian, full_hvp, largest_eigenvalue, projected_curvature
+from .ihvp import data_hessian, full_hvp, projected_curvature
 from .models import build_dtype, make_module, make_objective, model_fingerprint, model_kind, resolve_device
 from .models.svm import hinge_kkt_residual, hinge_objective, train_hinge_svm
 from .models.svm import to_flat as svm_to_flat
 from .models.train import objective_value_and_grad, train_convex, train_network
-from .run import CURVATURE_FILE, RUN_FILE, RUN_SCHEMA, SCRIPT_FILE, THETA_FILE, Run, parse_method
+from .run import Run
+from .runinfo import CURVATURE_FILE, RUN_FILE, RUN_SCHEMA, SCRIPT_FILE, THETA_FILE, RunInfo
+from .solvers import lissa_scale, parse_method
 from .store.files import load_json, load_tensors, save_json, save_tensors
 from .store.gradients import DONE_FILE, GRADS_FILE, MANIFEST_FILE, STORE_DTYPES, StoreWriter
 
-__all__ = ["build", "ENGINE_VERSION", "partial_folder", "STATE_FILE"]
+__all__ = ["ENGINE_VERSION", "STATE_FILE", "build", "partial_folder"]
+
+logger = logging.getLogger(__name__)
 
 ENGINE_VERSION = "0.1.0"
 STATE_FILE = "build-state.json"  # in the partial folder only: settings and finished stages
@@ -71,6 +76,15 @@ def _check(config: BuildConfig) -> None:
                              f"got {config.store_dtype!r}")
 
 
+def _data_spec(data: str) -> str:
+    """A data spec with its path made absolute (built-in names stay as they are)."""
+    if data in BUILTIN_DATA:
+        return data
+    if data.startswith(IDX_PREFIX):
+        return IDX_PREFIX + str(Path(data[len(IDX_PREFIX):]).resolve())
+    return str(Path(data).resolve())
+
+
 def _accuracy(run_logits: torch.Tensor, y: torch.Tensor) -> float:
     return float((run_logits.argmax(1) == y).double().mean())
 
@@ -94,29 +108,26 @@ def _resume_state(tmp: Path, config: BuildConfig, resume: bool) -> bool:
     return True
 
 
-def build(data: str, model: str, out: str | Path, *, weight_decay: float = 1e-2,
-          damping: float = 0.0, ihvp: str = "exact", project: int | None = None,
-          device: str = "auto", seed: int = 0, force: bool = False, progress: bool = True,
+def build(data: str, model: str, out: str | Path, *, force: bool = False, progress: bool = True,
           resume: bool = False, comm: Comm | None = None, **options: Any) -> Run:
     """Build a run folder at ``out`` and return it opened.
 
-    ``options`` sets any other :class:`~engine.config.BuildConfig` field (``dtype``,
-    ``store_dtype``, ``weights``, ``svm_temperature``, ``chunk_size``, ``train``, ``cg``,
-    ``lissa``). Refuses an existing ``out`` unless ``force``. ``resume`` continues a killed
+    ``options`` sets any :class:`~engine.config.BuildConfig` field (``weight_decay``,
+    ``damping``, ``ihvp``, ``project``, ``device``, ``seed``, ``train_size``, ``test_size``,
+    ``dtype``, ``store_dtype``, ``weights``, ``svm_temperature``, ``chunk_size``, ``train``,
+    ``cg``, ``lissa``); what is not given takes the config's default. Refuses an existing ``out`` unless ``force``. ``resume`` continues a killed
     build of the same settings from its partial folder. ``comm`` (see :mod:`engine.distributed`)
     spreads the work over processes; then only rank 0 returns the run (the others return None).
     """
     comm = comm or LocalComm()
-    method = parse_method(ihvp)
-    assert method is not None
-    data_spec = data if data == "digits" else str(Path(data).resolve())
+    if "ihvp" in options:
+        options["ihvp"] = parse_method(options["ihvp"])
+    data_spec = _data_spec(data)
     model_spec = model
     if model_kind(model) is ModelKind.USER and Path(model).is_file():
         model_spec = str(Path(model).resolve())
     try:
-        config = BuildConfig(data=data_spec, model=model_spec, weight_decay=float(weight_decay),
-                             damping=float(damping), ihvp=method, project=project, device=device,
-                             seed=int(seed), **options)
+        config = BuildConfig(data=data_spec, model=model_spec, **options)
     except TypeError as exc:
         raise InfluenceError(f"unknown build option: {exc}") from exc
     _check(config)
@@ -160,7 +171,7 @@ def build(data: str, model: str, out: str | Path, *, weight_decay: float = 1e-2,
     comm.barrier()
     if not comm.is_root:
         return None  # type: ignore[return-value]
-    return Run(out, load_json(out / RUN_FILE), dataset=ds)  # the data as loaded, not read again
+    return Run(out, RunInfo.from_dict(load_json(out / RUN_FILE), where=out / RUN_FILE), dataset=ds)  # the data as loaded, not read again
 
 
 def _store_dtype(config: BuildConfig, dtype: torch.dtype) -> str:
@@ -186,17 +197,21 @@ def _train(config: BuildConfig, kind: ModelKind, obj: Any, ds: Any, x: torch.Ten
         return theta, {"trained": True, "loss": "hinge", "solver": "liblinear dual coordinate descent",
                        "grad_norm": kkt, "kkt_residual": kkt, "smooth_grad_norm": float(g.norm()),
                        "objective": hinge_objective(rows, xs, ys, weight_decay=lam)}
-    if kind in CONVEX_MODELS:
+    if kind.convex:
         msgs: list[str] = []
-        res = train_convex(obj, x, y, weight_decay=lam, log=msgs.append)
+        res = train_convex(obj, x, y, weight_decay=lam, log=msgs.append, config=config.train)
         return res.theta, {"trained": True, "grad_norm": res.grad_norm, "objective": res.objective,
                            "iterations": res.iterations, "log": msgs}
-    with tqdm(total=config.train.epochs, desc="train", unit="epoch", disable=not progress,
-              file=sys.stderr) as bar:
-        res = train_network(obj, x, y, weight_decay=lam, config=config.train,
-                            seed=config.seed, epoch_bar=bar.update)
+    tc = config.train
+    with tqdm(total=tc.epochs, desc="train", unit="epoch", disable=not progress, file=sys.stderr) as bar, \
+            tqdm(total=tc.lbfgs_steps if tc.polish_s > 0 else 0, desc="polish (L-BFGS)", unit="it",
+                 disable=not progress or tc.polish_s <= 0, file=sys.stderr, leave=True) as polish:
+        res = train_network(obj, x, y, weight_decay=lam, config=tc, seed=config.seed,
+                            epoch_bar=bar.update, polish_bar=polish.update)
     return res.theta, {"trained": True, "grad_norm": res.grad_norm, "objective": res.objective,
-                       "iterations": res.iterations}
+                       "iterations": res.iterations,
+                       "stopping": f"{tc.epochs} epochs of {tc.optimizer}, then L-BFGS until "
+                                   f"{tc.lbfgs_steps} iterations, its tolerance or {tc.polish_s:g} s"}
 
 
 def _runs(rows: np.ndarray, size: int) -> list[slice]:
@@ -228,7 +243,8 @@ def _build_into(folder: Path, config: BuildConfig, *, progress: bool, comm: Comm
     kind = model_kind(config.model)
     dev = comm.device(resolve_device(config.device))
     dtype = build_dtype(config, dev)
-    ds = load_data(config.data, seed=config.seed)
+    ds = load_data(config.data, seed=config.seed, train_size=config.train_size,
+                   test_size=config.test_size)
     data_fp = fingerprint(ds)
     timings.setdefault("load_data_s", time.perf_counter() - t0)
     module = make_module(config, input_shape=ds.input_shape, n_classes=ds.n_classes)
@@ -257,11 +273,14 @@ def _build_into(folder: Path, config: BuildConfig, *, progress: bool, comm: Comm
                 x_test = torch.from_numpy(np.array(ds.x_test)).to(dev, dtype)
                 y_test = torch.from_numpy(np.array(ds.y_test)).to(dev)
                 train_info["test_accuracy"] = _accuracy(obj.logits(theta, x_test), y_test)
-            train_info["convex"] = kind in CONVEX_MODELS
+            train_info["convex"] = kind.convex
             save_tensors(folder / THETA_FILE, {"theta": theta})
             if kind is ModelKind.USER and ":" not in config.model:
                 shutil.copyfile(config.model, folder / SCRIPT_FILE)
             record("training", train_info, train_s=time.perf_counter() - t)
+            logger.info("trained %s (%d parameters) in %.1f s: |grad R| %.2e, test accuracy %.3f",
+                        kind.value, obj.n_params, time.perf_counter() - t, train_info["grad_norm"],
+                        train_info["test_accuracy"])
     theta = comm.broadcast(theta.contiguous())
     obj.load_flat(theta)
     model_fp = model_fingerprint(obj, theta)
@@ -302,6 +321,8 @@ def _build_into(folder: Path, config: BuildConfig, *, progress: bool, comm: Comm
     manifest = load_json(folder / MANIFEST_FILE) if comm.is_root else {}
     if "store" not in state:
         record("store", manifest, gradients_s=time.perf_counter() - t)
+        logger.info("stored %d gradients of dimension %d (%s) in %.1f s", n, dim, store_dtype,
+                    time.perf_counter() - t)
 
     # ---- curvature: every rank applies its shard's Hessian, summed over ranks
     t = time.perf_counter()
@@ -326,9 +347,10 @@ def _build_into(folder: Path, config: BuildConfig, *, progress: bool, comm: Comm
             if comm.is_root:
                 save_tensors(folder / CURVATURE_FILE, {"projected": c})
         elif config.ihvp is IHVPMethod.LISSA and config.lissa.scale is None:
-            curvature["lissa_scale"] = 1.25 * largest_eigenvalue(
-                hvp, obj.n_params, dtype=dtype, device=dev, seed=config.lissa.seed)
+            curvature["lissa_scale"] = lissa_scale(hvp, n_params=obj.n_params, config=config,
+                                                   dtype=dtype, device=dev)
         record("curvature", curvature, curvature_s=time.perf_counter() - t)
+        logger.info("curvature (%s) in %.1f s", config.ihvp.value, time.perf_counter() - t)
     timings["total_s"] = sum(v for k, v in timings.items() if k != "total_s")
     if not comm.is_root:
         return {}, ds

@@ -8,13 +8,13 @@ from enum import Enum
 from typing import Any
 
 __all__ = [
-    "ModelKind",
-    "IHVPMethod",
-    "CGConfig",
-    "LissaConfig",
-    "TrainConfig",
-    "BuildConfig",
     "CONVEX_MODELS",
+    "BuildConfig",
+    "CGConfig",
+    "IHVPMethod",
+    "LissaConfig",
+    "ModelKind",
+    "TrainConfig",
 ]
 
 
@@ -25,7 +25,14 @@ class ModelKind(str, Enum):
     SVM = "svm"
     MLP = "mlp"
     CNN = "cnn"
+    RESNET = "resnet"
     USER = "user"
+
+    @property
+    def convex(self) -> bool:
+        """Whether the training objective is convex in θ (then θ̂ is trained to its exact optimum
+        in float64, and λ + δ bounds the Hessian's spectrum from below)."""
+        return self in CONVEX_MODELS
 
 
 CONVEX_MODELS = frozenset({ModelKind.LOGREG, ModelKind.SVM})
@@ -38,6 +45,11 @@ class IHVPMethod(str, Enum):
     CG = "cg"  # block conjugate gradients on Hessian-vector products
     LISSA = "lissa"  # stochastic Neumann series (Agarwal et al. 2017)
     PROJECTED = "projected"  # k×k curvature PᵀHP in the projected gradient space
+
+    @property
+    def needs_curvature_file(self) -> bool:
+        """Whether a run built with this method keeps its curvature in ``curvature.pt``."""
+        return self in (IHVPMethod.EXACT, IHVPMethod.PROJECTED)
 
 
 @dataclass(frozen=True)
@@ -53,24 +65,31 @@ class CGConfig:
     prime_seed: int = 0
     prime_dim: int = 1024  # at most this many basis vectors (and max_dim / 2): bounds the first query's cost
     basis_mb: int = 256  # Q, HQ, QᵀHQ and its factor
+    # a column is converged at max(tol, attainable_factor · eps · ‖H‖‖x‖/‖b‖): float32's floor
+    attainable_factor: float = 4.0
 
 
 @dataclass(frozen=True)
 class LissaConfig:
-    """LiSSA: ``x_j = b + (1 − damping)·x_{j−1} − H_batch x_{j−1} / scale``, answer ``x / scale``.
+    """LiSSA: ``x_j = b + (1 − damping)·x_{j−1} − H_batch x_{j−1} / scale``; the answer is the
+    average of ``x_j / scale`` after a burn-in (see :mod:`engine.ihvp.lissa`).
 
-    ``scale`` must exceed the largest eigenvalue of H; ``None`` estimates it by power iteration
-    (×1.25). The extra ``damping`` shifts the solved matrix to ``H + damping·scale·I``; keep it 0
-    to solve with the run's own H.
+    ``scale`` must exceed the largest eigenvalue of H; ``None`` estimates it by ``power_iters``
+    steps of power iteration, times ``scale_margin``. The extra ``damping`` shifts the solved
+    matrix to ``H + damping·scale·I``; keep it 0 to solve with the run's own H.
     """
 
     scale: float | None = None
     damping: float = 0.0
-    depth: int = 1000
+    depth: int = 1000  # most steps of each repeat (burn-in and averaging)
     repeats: int = 1
     batch_size: int = 128  # training points per stochastic Hessian-vector product
-    tol: float = 1e-3  # converged when the truncation bias bound (1 − μ/scale)^depth is below this
+    tol: float = 1e-2  # burn-in ends when the truncation bound (1 − μ/scale)^j is below this
+    residual_tol: float = 0.25  # stop, converged, once every column's ‖Hx − b‖/‖b‖ is at most this
+    check_every: int = 100  # averaged steps between full-batch residual checks (≥ one pass over the data)
     seed: int = 0
+    scale_margin: float = 1.25  # scale = this × the power-iteration estimate of H's top eigenvalue
+    power_iters: int = 30
 
 
 @dataclass(frozen=True)
@@ -80,9 +99,14 @@ class TrainConfig:
     epochs: int = 150
     lr: float = 1e-2
     batch_size: int = 64
-    lbfgs_steps: int = 500  # full-batch L-BFGS polish after Adam, to a near-stationary θ̂
+    lbfgs_steps: int = 500  # full-batch L-BFGS polish after the epochs, towards a stationary θ̂
+    polish_s: float = 120.0  # the polish also stops after this many seconds (0: no polish)
+    optimizer: str = "adam"  # adam or sgd (momentum 0.9, cosine learning rate) for the epochs
     hidden: tuple[int, ...] = (32,)  # MLP hidden widths
     channels: tuple[int, ...] = (8, 16)  # CNN conv widths
+    width: int = 16  # ResNet base width (64 is ResNet-18 itself)
+    grad_tol: float = 1e-10  # convex models: Newton until ‖∇R‖ ≤ this (the contract asks < 1e-8)
+    newton_max_params: int = 5000  # dense Newton steps (training, retraining, attacks) up to this p
 
 
 @dataclass(frozen=True)
@@ -97,6 +121,8 @@ class BuildConfig:
     project: int | None = None
     device: str = "auto"
     seed: int = 0
+    train_size: int | None = None  # a seeded, stratified subset of the training split (None: all)
+    test_size: int | None = None  # the same for the test split
     dtype: str = "auto"  # float64 on the CPU, float32 on a GPU
     store_dtype: str = "auto"  # the gradient store's dtype: auto (the compute dtype), float64,
     # float32, float16 or bfloat16 (2 bytes a value; scores accumulate in float32)

@@ -168,29 +168,14 @@ def build_distributed(data: str, model: str, out: str, **kwargs: Any) -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m engine.distributed`` under torchrun: the core build options only (the full set
     is ``influence build --distributed``)."""
-    p = argparse.ArgumentParser(prog="python -m engine.distributed")
-    p.add_argument("--data", required=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--weight-decay", type=float, default=1e-2)
-    p.add_argument("--damping", type=float, default=0.0)
-    p.add_argument("--ihvp", default="exact")
-    p.add_argument("--project", type=int, default=None)
-    p.add_argument("--store-dtype", default="auto")
-    p.add_argument("--chunk-size", type=int, default=512)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true")
-    p.add_argument("--resume", action="store_true")
-    a = p.parse_args(argv)
     from .errors import InfluenceError
+    from .options import add_build_options, build_kwargs
 
+    p = argparse.ArgumentParser(prog="python -m engine.distributed")
+    add_build_options(p)  # the same options and defaults as `influence build`
+    a = p.parse_args(argv)
     try:
-        run = build_distributed(a.data, a.model, a.out, weight_decay=a.weight_decay,
-                                damping=a.damping, ihvp=a.ihvp, project=a.project,
-                                store_dtype=a.store_dtype, chunk_size=a.chunk_size,
-                                device=a.device, seed=a.seed, force=a.force, resume=a.resume,
-                                progress=False)
+        run = build_distributed(a.data, a.model, a.out, progress=False, **build_kwargs(a))
     except InfluenceError as exc:
         print(f"influence: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

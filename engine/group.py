@@ -24,14 +24,15 @@ reported in ``I_up,loss`` units too: ``influence = −n · predicted_loss_change
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
 
 from .config import IHVPMethod
 from .errors import QueryError
-from .run import Run, _indices
+from .query.scoring import check_indices
+from .results import GroupResult
+from .run import Run
 
 __all__ = ["GROUP_ORDERS", "HVP_CHUNK", "group_influence"]
 
@@ -45,41 +46,37 @@ def _group_hessian_times(run: Run, group: np.ndarray, v: torch.Tensor) -> torch.
     for start in range(0, len(group), HVP_CHUNK):
         idx = torch.as_tensor(group[start : start + HVP_CHUNK], device=run.device)
         # Objective.hvp is the Hessian of the *mean* loss over the batch: scale back to a sum
-        out += len(idx) * run.objective.hvp(run.theta, v[:, None], run.x_train[idx],
-                                            run.y_train[idx])[:, 0]
+        out += len(idx) * run.model.objective.hvp(run.model.theta, v[:, None], run.data.x_train[idx],
+                                                  run.data.y_train[idx])[:, 0]
     return out
 
 
 def group_influence(run: Run, train_ids: Sequence[int], test_ids: Sequence[int], *,
-                    order: int = 1, ihvp: str | IHVPMethod | None = None) -> dict[str, Any]:
+                    order: int = 1, ihvp: str | IHVPMethod | None = None) -> GroupResult:
     """Predicted effect of removing the training points ``train_ids`` (a set: repeats count once)
-    on the loss of each test point in ``test_ids`` (in the given order)."""
+    on the loss of each test point in ``test_ids`` (in the given order); ``.to_dict()`` is the
+    REST group-influence shape."""
     if order not in GROUP_ORDERS:
         raise QueryError(f"order must be 1 or 2, got {order!r}")
     if len(train_ids) == 0:
         raise QueryError("train_ids is empty: a group needs at least one training point")
     if len(test_ids) == 0:
         raise QueryError("test_ids is empty: name at least one test point")
-    group = np.unique(_indices(list(train_ids), run.n_train, "train"))
-    tests = _indices(list(test_ids), run.n_test, "test")
-    if order == 2 and run.projector is not None:
+    group = np.unique(check_indices(list(train_ids), run.n_train, "train"))
+    tests = check_indices(list(test_ids), run.n_test, "test")
+    if order == 2 and run.store.projected:
         raise QueryError("second-order group influence needs full gradients; this run is projected")
     n, lam = run.n_train, run.config.weight_decay
     solver = run.solver(ihvp)
-    g_test = run.test_gradients(tests)  # (m, d)
-    g_group = run.resident.row_sum(torch.as_tensor(group, device=run.device))  # (d,)
+    g_test = run.queries.test_gradients(tests)  # (m, d)
+    g_group = run.store.resident.row_sum(torch.as_tensor(group, device=run.device))  # (d,)
     if order == 1:
         change = g_test @ solver.solve(g_group[:, None].contiguous())[:, 0] / n
     else:
-        first = solver.solve((g_group + len(group) * lam * run.theta)[:, None].contiguous())[:, 0] / n
+        first = solver.solve((g_group + len(group) * lam * run.model.theta)[:, None].contiguous())[:, 0] / n
         curv = _group_hessian_times(run, group, first) + len(group) * lam * first
         delta = first + solver.solve(curv[:, None].contiguous())[:, 0] / n
         change = g_test @ delta
-    change_np = change.cpu().double().numpy()
-    return {
-        "order": order,
-        "group_size": len(group),
-        "ihvp": solver.method.value,
-        "results": [{"test_id": int(t), "influence": float(-n * c), "predicted_loss_change": float(c)}
-                    for t, c in zip(tests, change_np)],
-    }
+    change_np = change.cpu().double().numpy()  # (m,)
+    return GroupResult(order=order, group_size=len(group), ihvp=solver.method.value, test_ids=tests,
+                       predicted_loss_change=change_np, influence=-n * change_np)

@@ -35,7 +35,7 @@ TRUST_FILE = "trust.json"
 def _methods(run: Run, methods: Sequence[str] | None) -> list[str]:
     if methods is not None:
         return list(methods)
-    if run.projector is not None:
+    if run.store.projected:
         return [IHVPMethod.PROJECTED.value]
     return [m.value for m in (IHVPMethod.EXACT, IHVPMethod.CG, IHVPMethod.LISSA)]
 
@@ -77,7 +77,7 @@ def trust_check(run: Run, *, test_index: Sequence[int] | None = None, n_tests: i
                          "pearson": pearson(predicted, actual), "spearman": spearman(predicted, actual),
                          "seconds": time.perf_counter() - t})
     report = {
-        "model": run.info["model"]["kind"],
+        "model": run.info.model.kind.value,
         "ground_truth": loo["ground_truth"],
         "test_ids": tests,
         "pairs": [[int(i), int(j)] for i, j in pairs],

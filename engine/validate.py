@@ -18,14 +18,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import CONVEX_MODELS, ModelKind
+from .config import ModelKind, TrainConfig
 from .models.objective import Objective
 from .models.svm import to_flat as svm_to_flat
 from .models.svm import train_hinge_svm
-from .models.train import GRAD_TOL, NEWTON_MAX_PARAMS, _lbfgs, objective_value_and_grad, train_convex
+from .models.train import lbfgs, objective_value_and_grad, train_convex
 from .run import Run
 
-__all__ = ["group_removal", "leave_one_out", "pearson", "spearman"]
+__all__ = ["group_removal", "leave_one_out", "pearson", "retrain_convex", "spearman"]
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
@@ -44,34 +44,36 @@ def _test_losses(obj: Objective, theta: torch.Tensor, x: torch.Tensor, y: torch.
         return np.array([float(obj.loss_fn(logits[j : j + 1], y[j : j + 1])) for j in range(len(y))])
 
 
-def _retrain_convex(obj: Objective, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *,
-                    lam: float, newton: Any) -> torch.Tensor:
+def retrain_convex(obj: Objective, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *,
+                   lam: float, newton: Any, config: TrainConfig | None = None) -> torch.Tensor:
     """The exact optimum without the removed point: chord iterations ``θ ← θ − H(θ̂)⁻¹∇R(θ)``
     with the run's own Hessian (the fixed point is the optimum; the contraction is fast because
     one point moves θ little), falling back to full Newton steps if they stall."""
+    config = config or TrainConfig()
     if newton is not None:
         th = theta.clone()
         for _ in range(60):
             _, g = objective_value_and_grad(obj, th, x, y, weight_decay=lam)
-            if float(g.norm()) < GRAD_TOL:
+            if float(g.norm()) < config.grad_tol:
                 return th
             th = th - newton.solve(g)
     obj.load_flat(theta)
-    return train_convex(obj, x, y, weight_decay=lam, warm=True).theta
+    return train_convex(obj, x, y, weight_decay=lam, warm=True, config=config).theta
 
 
 def _is_convex(run: Run) -> bool:
-    return ModelKind(run.info["model"]["kind"]) in CONVEX_MODELS
+    return run.info.model.convex
 
 
 def _newton(run: Run) -> Any:
     """The run's exact solver, used for chord iterations, where the model is convex and small."""
-    ok = _is_convex(run) and run.projector is None and run.objective.n_params <= NEWTON_MAX_PARAMS
+    ok = (_is_convex(run) and not run.store.projected
+          and run.model.n_params <= run.config.train.newton_max_params)
     return run.solver("exact") if ok else None
 
 
 def _ground_truth(run: Run, what: str) -> str:
-    if ModelKind(run.info["model"]["kind"]) is ModelKind.SVM:
+    if run.info.model.kind is ModelKind.SVM:
         return f"{what} retraining of the hinge SVM to its optimum (liblinear)"
     return (f"{what} retraining to the exact optimum (warm-started, Newton)" if _is_convex(run)
             else f"warm-started {what} retraining (full-batch L-BFGS)")
@@ -79,20 +81,21 @@ def _ground_truth(run: Run, what: str) -> str:
 
 def _retrain_without(run: Run, keep: torch.Tensor, *, newton: Any, lbfgs_steps: int) -> torch.Tensor:
     """θ retrained on the training points where ``keep`` is true, on the mean objective
-    ``(1/|kept|) Σ L + (λ/2)‖θ‖²``, warm-started from θ̂. Leaves ``run.objective`` loaded with θ̂."""
-    obj, theta = run.objective, run.theta
-    x, y = run.x_train[keep.to(run.x_train.device)], run.y_train[keep.to(run.y_train.device)]
+    ``(1/|kept|) Σ L + (λ/2)‖θ‖²``, warm-started from θ̂. Leaves ``run.model.objective`` loaded with θ̂."""
+    obj, theta = run.model.objective, run.model.theta
+    x_train, y_train = run.data.x_train, run.data.y_train
+    x, y = x_train[keep.to(x_train.device)], y_train[keep.to(y_train.device)]
     obj.load_flat(theta)
     lam = run.config.weight_decay
-    if ModelKind(run.info["model"]["kind"]) is ModelKind.SVM:  # the hinge SVM, as build trains it
+    if run.info.model.kind is ModelKind.SVM:  # the hinge SVM, as build trains it
         xs, ys = x.cpu().double().numpy(), y.cpu().numpy()
         rows = train_hinge_svm(xs, ys, n_classes=run.dataset.n_classes, weight_decay=lam,
                                seed=run.config.seed)
         new = torch.from_numpy(svm_to_flat(rows)).to(theta.device, theta.dtype)
     elif _is_convex(run):
-        new = _retrain_convex(obj, theta, x, y, lam=lam, newton=newton)
+        new = retrain_convex(obj, theta, x, y, lam=lam, newton=newton, config=run.config.train)
     else:
-        new, _ = _lbfgs(obj, theta, x, y, weight_decay=lam, steps=lbfgs_steps)
+        new, _ = lbfgs(obj, theta, x, y, weight_decay=lam, steps=lbfgs_steps)
     obj.load_flat(theta)
     return new
 
@@ -104,12 +107,12 @@ def group_removal(run: Run, train_ids: Sequence[int], test_index: Sequence[int],
     t0 = time.perf_counter()
     tests = np.asarray(test_index, dtype=np.int64)
     group = np.unique(np.asarray(train_ids, dtype=np.int64))
-    xt, yt = run.x_test[torch.as_tensor(tests)], run.y_test[torch.as_tensor(tests)]
-    base = _test_losses(run.objective, run.theta, xt, yt)
+    xt, yt = run.data.x_test[torch.as_tensor(tests)], run.data.y_test[torch.as_tensor(tests)]
+    base = _test_losses(run.model.objective, run.model.theta, xt, yt)
     keep = torch.ones(run.n_train, dtype=torch.bool)
     keep[torch.as_tensor(group)] = False
     new = _retrain_without(run, keep, newton=_newton(run), lbfgs_steps=lbfgs_steps)
-    return {"actual": _test_losses(run.objective, new, xt, yt) - base,
+    return {"actual": _test_losses(run.model.objective, new, xt, yt) - base,
             "ground_truth": _ground_truth(run, "group-removal"),
             "seconds": time.perf_counter() - t0}
 
@@ -133,8 +136,8 @@ def leave_one_out(run: Run, *, test_index: Sequence[int], train_index: Sequence[
                            for i in np.argsort(-np.abs(scores[:, j]))[:top]})
     else:
         removals = [int(i) for i in train_index]
-    obj, theta = run.objective, run.theta
-    xt, yt = run.x_test[torch.as_tensor(tests)], run.y_test[torch.as_tensor(tests)]
+    obj, theta = run.model.objective, run.model.theta
+    xt, yt = run.data.x_test[torch.as_tensor(tests)], run.data.y_test[torch.as_tensor(tests)]
     base = _test_losses(obj, theta, xt, yt)
     keep = torch.ones(n, dtype=torch.bool)
     newton = _newton(run)

@@ -20,9 +20,9 @@ MAX_GROUP_IMAGES = 24  # a group item keeps the images of its first members only
 def run_info(dash: Dashboard) -> dict[str, Any]:
     """The identity of the served run, recorded with each audit."""
     info = dash.run.info
-    return {"path": str(dash.run.path), "data": info["data"]["source"], "model": info["model"]["kind"],
-            "data_fingerprint": info["data"]["fingerprint"],
-            "model_fingerprint": info["model"]["fingerprint"],
+    return {"path": str(dash.run.path), "data": info.data.source, "model": info.model.kind.value,
+            "data_fingerprint": info.data.fingerprint,
+            "model_fingerprint": info.model.fingerprint,
             "n_train": dash.run.n_train, "n_test": dash.run.n_test, "class_names": dash.class_names}
 
 

@@ -9,6 +9,9 @@ stratified subset of each split.
 from __future__ import annotations
 
 from engine.data.dataset import Dataset, fingerprint, validate
-from engine.data.loaders import load_data
+from engine.data.idx import FASHION_MNIST, IDX_PREFIX
+from engine.data.loaders import DIGITS, load_data
 
-__all__ = ["Dataset", "fingerprint", "load_data", "validate"]
+BUILTIN_DATA = (DIGITS, FASHION_MNIST)  # data names that are not paths
+
+__all__ = ["BUILTIN_DATA", "IDX_PREFIX", "Dataset", "fingerprint", "load_data", "validate"]

@@ -12,10 +12,11 @@ stays bounded by the budget plus one (ROW_BLOCK, K) slab.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 
-__all__ = ["Projector", "ROW_BLOCK", "default_cache_bytes"]
+__all__ = ["ROW_BLOCK", "Projector", "default_cache_bytes"]
 
 ROW_BLOCK = 8192
 CPU_CACHE_BYTES = 1 << 30  # 1 GiB of cached P on the CPU
@@ -51,6 +52,7 @@ class Projector:
         self._max_slabs = min(self.n_blocks, budget // max(1, ROW_BLOCK * k * itemsize))
         self._slabs: dict[int, torch.Tensor] = {}
         self._matrix: torch.Tensor | None = None
+        self._lock = threading.Lock()  # concurrent first queries build P (or a slab) once
 
     def _generate(self, block: int) -> torch.Tensor:
         start = block * ROW_BLOCK
@@ -63,16 +65,24 @@ class Projector:
         hit = self._slabs.get(block)
         if hit is not None:
             return hit
-        slab = self._generate(block)
-        if len(self._slabs) < self._max_slabs:
-            self._slabs[block] = slab
-        return slab
+        if len(self._slabs) >= self._max_slabs:
+            return self._generate(block)  # not kept: no lock needed
+        with self._lock:
+            hit = self._slabs.get(block)
+            if hit is None:
+                hit = self._generate(block)
+                if len(self._slabs) < self._max_slabs:
+                    self._slabs[block] = hit
+        return hit
 
     def matrix(self) -> torch.Tensor | None:
-        """All of P (p, K) when it fits the cache budget (built once), else None."""
+        """All of P (p, K) when it fits the cache budget (built once, whichever thread comes
+        first; the others wait for it), else None."""
         if self._matrix is None and self._whole:
-            self._matrix = torch.cat([self._generate(b) for b in range(self.n_blocks)], 0)
-            self._slabs.clear()
+            with self._lock:
+                if self._matrix is None:
+                    self._matrix = torch.cat([self._generate(b) for b in range(self.n_blocks)], 0)
+                    self._slabs.clear()
         return self._matrix
 
     @property

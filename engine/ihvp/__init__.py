@@ -8,6 +8,18 @@ from .hvp import batch_hvp, dense_hessian, full_hvp
 from .lissa import Lissa, largest_eigenvalue
 from .projected import ProjectedSolver, projected_curvature
 
-__all__ = ["Solver", "BlockCG", "ExactSolver", "Lissa", "ProjectedSolver", "batch_hvp",
-           "data_hessian", "dense_hessian", "full_hessian", "full_hvp", "largest_eigenvalue",
-           "linear_hessian", "projected_curvature"]
+__all__ = [
+           "BlockCG",
+           "ExactSolver",
+           "Lissa",
+           "ProjectedSolver",
+           "Solver",
+           "batch_hvp",
+           "data_hessian",
+           "dense_hessian",
+           "full_hessian",
+           "full_hvp",
+           "largest_eigenvalue",
+           "linear_hessian",
+           "projected_curvature",
+]

@@ -2,45 +2,36 @@
 
 from __future__ import annotations
 
-import threading
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
 from ..config import IHVPMethod
 
-__all__ = ["Solver", "ThreadDiagnostics"]
+__all__ = ["Solution", "Solver"]
+
+
+@dataclass(frozen=True)
+class Solution:
+    """One solve's answer ``x = H⁻¹B`` (same shape as B) and its own diagnostics (residuals,
+    iterations, convergence; JSON-serialisable). Returned by :meth:`Solver.solve_report`, so a
+    caller on any thread reports the diagnostics of its own solve."""
+
+    x: torch.Tensor
+    diagnostics: dict[str, Any] = field(default_factory=dict)
 
 
 class Solver(Protocol):
-    """``solve(B)`` returns ``H⁻¹B`` for B (d, m) in the store's space (d = p, or K if projected).
-
-    ``settings()`` describes the solver; ``diagnostics`` describes the last solve (residuals,
-    iterations, convergence). Both are JSON-serialisable and reported with the scores.
+    """``solve(B)`` returns ``H⁻¹B`` for B (d,) or (d, m) in the store's space (d = p, or K if
+    projected); ``solve_report(B)`` returns the same as a :class:`Solution` with that solve's
+    diagnostics. ``settings()`` describes the solver (JSON-serialisable, reported with the scores).
     """
 
     method: IHVPMethod
-    diagnostics: dict[str, Any]
 
     def solve(self, b: torch.Tensor) -> torch.Tensor: ...
 
+    def solve_report(self, b: torch.Tensor) -> Solution: ...
+
     def settings(self) -> dict[str, Any]: ...
-
-
-class ThreadDiagnostics:
-    """``diagnostics`` of the last solve made by the calling thread (else by any thread): a web
-    server solves on many threads with one solver, and a response must report its own solve's
-    residual, not that of whichever query finished last."""
-
-    def __init__(self) -> None:
-        self._diag_local = threading.local()
-        self._diag_last: dict[str, Any] = {}
-
-    @property
-    def diagnostics(self) -> dict[str, Any]:
-        return getattr(self._diag_local, "value", self._diag_last)
-
-    @diagnostics.setter
-    def diagnostics(self, value: dict[str, Any]) -> None:
-        self._diag_local.value = value
-        self._diag_last = value

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ..config import CGConfig, IHVPMethod
-from .base import ThreadDiagnostics
+from .base import Solution
 from .hvp import HVP
 
 __all__ = ["BlockCG"]
@@ -39,10 +39,9 @@ _DEPENDENCE = 1e-8  # a new direction must keep this fraction of a unit residual
 # A residual cannot go much below the working precision: about eps·‖H‖·‖x‖/‖b‖ (CG's attainable
 # accuracy). In float32 (a GPU run's default) that is near 1e-6, so the 1e-8 default ran all
 # max_iter steps (200 steps, 2.5 s, unconverged, for one query of a 600-point MLP run, against 37
-# steps in float64). Each column's tolerance is therefore at least this many times that floor (‖H‖
-# estimated by the largest ‖H q‖ over the unit basis vectors q); float64 keeps 1e-8 unless H is
-# very ill-conditioned.
-ATTAINABLE_FACTOR = 4
+# steps in float64). Each column's tolerance is therefore at least CGConfig.attainable_factor (4)
+# times that floor (‖H‖ estimated by the largest ‖H q‖ over the unit basis vectors q); float64
+# keeps 1e-8 unless H is very ill-conditioned.
 
 
 def _pseudo_solve(t: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
@@ -82,11 +81,11 @@ class _Basis:
         return new
 
     @property
-    def Q(self) -> torch.Tensor:  # noqa: N802 - the usual name
+    def Q(self) -> torch.Tensor:
         return self.q[:, : self.k]
 
     @property
-    def HQ(self) -> torch.Tensor:  # noqa: N802
+    def HQ(self) -> torch.Tensor:
         return self.hq[:, : self.k]
 
     @property
@@ -142,7 +141,7 @@ class _Basis:
         return _pseudo_solve(self.t[: self.k, : self.k], rhs)
 
 
-class BlockCG(ThreadDiagnostics):
+class BlockCG:
     """``H⁻¹B`` by block conjugate gradients on a batched ``hvp`` callable.
 
     With ``config.prime`` > 0 and ``config.basis_mb`` > 0 every solve starts from a frozen
@@ -153,10 +152,9 @@ class BlockCG(ThreadDiagnostics):
 
     method = IHVPMethod.CG
 
-    def __init__(self, hvp: HVP, config: CGConfig = CGConfig()) -> None:
-        super().__init__()
+    def __init__(self, hvp: HVP, config: CGConfig | None = None) -> None:
         self.hvp = hvp
-        self.config = config
+        self.config = config or CGConfig()
         self._start_basis: _Basis | None = None  # frozen once built: solves copy it
         self._primed = config.prime <= 0 or config.basis_mb <= 0
         self._prime_lock = threading.Lock()
@@ -198,6 +196,11 @@ class BlockCG(ThreadDiagnostics):
             self._primed = True
 
     def solve(self, b: torch.Tensor) -> torch.Tensor:
+        """H⁻¹B for B (d,) or (d, m)."""
+        return self.solve_report(b).x
+
+    def solve_report(self, b: torch.Tensor) -> Solution:
+        """H⁻¹B with this solve's residuals, steps and Krylov dimension."""
         b2 = b.unsqueeze(1) if b.dim() == 1 else b
         if not self._primed:
             self._prime(b2)
@@ -206,8 +209,8 @@ class BlockCG(ThreadDiagnostics):
             basis = _Basis.copy_of(kept, room=64, limit=self.config.max_dim)
         else:
             basis = self._fresh(b2)
-        x, _, self.diagnostics = self._iterate(b2, basis, max_dim=self.config.max_dim, restart=True)
-        return x.squeeze(1) if b.dim() == 1 else x
+        x, _, diagnostics = self._iterate(b2, basis, max_dim=self.config.max_dim, restart=True)
+        return Solution(x.squeeze(1) if b.dim() == 1 else x, diagnostics)
 
     def _iterate(self, b2: torch.Tensor, basis: _Basis, *, max_dim: int, restart: bool
                  ) -> tuple[torch.Tensor, _Basis, dict[str, Any]]:
@@ -227,7 +230,7 @@ class BlockCG(ThreadDiagnostics):
             y = basis.galerkin(rhs)
             x_, r_ = x0 + basis.Q @ y, r0 - basis.HQ @ y
             rel_ = r_.norm(dim=0) / bnorm
-            floor = ATTAINABLE_FACTOR * eps * basis.h_norm * x_.norm(dim=0) / bnorm  # (m,)
+            floor = cfg.attainable_factor * eps * basis.h_norm * x_.norm(dim=0) / bnorm  # (m,)
             return x_, r_, rel_, floor.clamp_min(cfg.tol)
 
         if basis.k:

@@ -9,6 +9,7 @@ import torch
 
 from ..config import IHVPMethod
 from ..errors import SolverError
+from .base import Solution
 
 __all__ = ["ExactSolver"]
 
@@ -32,7 +33,6 @@ class ExactSolver:
                  explicit_inverse: bool | None = None) -> None:
         self.method = method
         self.hessian = hessian
-        self.diagnostics: dict[str, Any] = {}
         self._chol: torch.Tensor | None = None
         self._positive = False
         self._eig: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -67,8 +67,8 @@ class ExactSolver:
         probe = torch.randn(hessian.shape[0], RESIDUAL_PROBE, generator=gen, dtype=hessian.dtype)
         probe = probe.to(hessian.device)
         res = (hessian @ self._solve(probe) - probe).norm(dim=0) / probe.norm(dim=0)
-        self.diagnostics = {"max_relative_residual": float(res.max()),
-                            "residual_probe": RESIDUAL_PROBE}
+        self.diagnostics: dict[str, Any] = {"max_relative_residual": float(res.max()),
+                                            "residual_probe": RESIDUAL_PROBE}  # every solve's
 
     def _spectrum(self) -> tuple[float, float]:
         if self._evals is None:
@@ -111,7 +111,11 @@ class ExactSolver:
         return vecs @ ((vecs.T @ b2) / vals.unsqueeze(1))
 
     def solve(self, b: torch.Tensor) -> torch.Tensor:
-        """H⁻¹B for B (d,) or (d, m); ``diagnostics`` hold the factorisation's probed residual."""
+        """H⁻¹B for B (d,) or (d, m)."""
         b2 = b.unsqueeze(1) if b.dim() == 1 else b
         x = self._solve(b2.to(self.hessian.dtype))
         return x.squeeze(1) if b.dim() == 1 else x
+
+    def solve_report(self, b: torch.Tensor) -> Solution:
+        """:meth:`solve` with the factorisation's probed residual (the same for every solve)."""
+        return Solution(self.solve(b), dict(self.diagnostics))

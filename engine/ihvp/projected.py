@@ -14,7 +14,7 @@ from ..grads.projection import Projector
 from .exact import ExactSolver
 from .hvp import HVP
 
-__all__ = ["projected_curvature", "ProjectedSolver"]
+__all__ = ["ProjectedSolver", "projected_curvature"]
 
 
 def projected_curvature(hvp: HVP, projector: Projector, *, block: int = 128) -> torch.Tensor:

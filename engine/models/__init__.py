@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ def model_kind(spec: str) -> ModelKind:
         if spec.endswith((".pt", ".pth", ".ts", ".jit")) or is_factory_spec(spec) or Path(spec).is_file():
             return ModelKind.USER
         raise ModelError(
-            f"unknown model {spec!r}: use logreg, svm, mlp, cnn, a TorchScript file, "
+            f"unknown model {spec!r}: use logreg, svm, mlp, cnn, resnet, a TorchScript file, "
             "or package.module:factory with --weights"
         ) from None
     if kind is ModelKind.USER:
@@ -75,7 +76,8 @@ def build_dtype(config: BuildConfig, device: torch.device) -> torch.dtype:
 
 
 def make_objective(module: nn.Module, config: BuildConfig, *, device: torch.device,
-                   dtype: torch.dtype) -> Objective:
+                   dtype: torch.dtype, tracked: Sequence[str] | None = None) -> Objective:
+    """The module as a function of θ: every trainable parameter, or the ``tracked`` ones."""
     kind = model_kind(config.model)
     if device.type == "cuda" and dtype == torch.float32:
         # cuDNN runs float32 convolutions in TF32 (10-bit mantissa) unless told not to: per-sample
@@ -84,13 +86,17 @@ def make_objective(module: nn.Module, config: BuildConfig, *, device: torch.devi
         # flag is set, not cudnn.conv.fp32_precision: mixing the two APIs makes torch raise.
         torch.backends.cudnn.allow_tf32 = False
     return Objective(module, make_loss(kind.value, svm_temperature=config.svm_temperature),
-                     device=device, dtype=dtype)
+                     device=device, dtype=dtype, tracked=tracked)
 
 
 def model_fingerprint(objective: Objective, theta: torch.Tensor) -> str:
-    """sha256 over parameter names, shapes and θ̂ as float64 bytes."""
+    """sha256 over parameter names, shapes and θ̂ as float64 bytes, and over the names and values
+    of the parameters θ leaves fixed (``--params``; none by default, so the digest is unchanged)."""
     h = hashlib.sha256()
     for name, shape in zip(objective.names, objective.shapes):
         h.update(f"{name}:{shape};".encode())
     h.update(theta.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    for name, p in objective.frozen:
+        h.update(f"frozen {name}:{tuple(p.shape)};".encode())
+        h.update(p.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
     return h.hexdigest()

@@ -1,6 +1,8 @@
 """A model and its data loss seen as functions of one flat parameter vector θ (p,).
 
-θ lists every trainable parameter in ``named_parameters()`` order, flattened. Ordinary modules
+θ lists every tracked parameter in ``named_parameters()`` order, flattened: every trainable one,
+or those named by ``tracked`` (``--params``), the others staying fixed at their values in the
+module (they are part of the model, not of θ). Ordinary modules
 go through ``torch.func`` (``functional_call``, ``vmap(grad)``, ``grad(grad)``); TorchScript modules
 cannot be called statelessly, so they take a slower autograd path that writes θ into the module
 (a loop over samples for per-sample gradients, double backward for Hessian-vector products).
@@ -110,13 +112,21 @@ class Objective:
     """Logits, losses, per-sample gradients and Hessian-vector products of ``model`` at θ."""
 
     def __init__(
-        self, model: nn.Module, loss_fn: LossFn, *, device: torch.device, dtype: torch.dtype
+        self, model: nn.Module, loss_fn: LossFn, *, device: torch.device, dtype: torch.dtype,
+        tracked: Iterable[str] | None = None,
     ) -> None:
+        """``tracked``: the parameter names θ covers (None: every trainable parameter)."""
         self.model = model.to(device=device, dtype=dtype).eval()
         self.loss_fn = loss_fn
         self.device = device
         self.dtype = dtype
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        keep = None if tracked is None else set(tracked)
+        if keep is not None and not keep <= {n for n, _ in trainable}:
+            unknown = sorted(keep - {n for n, _ in trainable})
+            raise ValueError(f"tracked parameters not in the model: {', '.join(unknown[:5])}")
+        named = [(n, p) for n, p in trainable if keep is None or n in keep]
+        self.frozen = [(n, p) for n, p in trainable if keep is not None and n not in keep]
         self.names = [n for n, _ in named]
         self.shapes = [tuple(p.shape) for _, p in named]
         self.numels = [math.prod(s) for s in self.shapes]

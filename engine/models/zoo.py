@@ -10,17 +10,10 @@ from torch import nn
 
 from ..config import ModelKind, TrainConfig
 from ..errors import ModelError
+from .layers import ChannelsFirst
+from .resnet import resnet
 
-__all__ = ["build_model", "ChannelsFirst"]
-
-
-class ChannelsFirst(nn.Module):
-    """(b, H, W) → (b, 1, H, W); (b, H, W, C) → (b, C, H, W)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 3:
-            return x.unsqueeze(1)
-        return x.permute(0, 3, 1, 2)
+__all__ = ["ChannelsFirst", "build_model"]
 
 
 def _cnn(input_shape: tuple[int, ...], n_classes: int, channels: tuple[int, ...]) -> nn.Module:
@@ -65,4 +58,6 @@ def build_model(
         return nn.Sequential(*layers)
     if kind is ModelKind.CNN:
         return _cnn(input_shape, n_classes, train.channels)
+    if kind is ModelKind.RESNET:
+        return resnet(input_shape, n_classes, width=train.width)
     raise ModelError(f"unknown built-in model {kind!r}")

@@ -24,15 +24,13 @@ of the training set brings it to 0.96–0.99 up to 200k.
 
 The index (:class:`KNNIndex`) is an exact FAISS ``IndexFlatL2`` (or ``IndexFlatIP`` on
 L2-normalised rows for ``cosine``) when ``faiss`` is importable (``pip install .[fastif]``), else
-an exact blocked brute-force search in torch. Train features and the index are built once per
-run and kept for the run's lifetime.
+an exact blocked brute-force search in torch. Train features, the index and the pools are kept in
+the run's bounded cache (:mod:`engine.cache`: keyed, locked per key, within its byte budget).
 """
 
 from __future__ import annotations
 
-import threading
 import time
-import weakref
 from collections.abc import Sequence
 from enum import Enum
 from typing import TYPE_CHECKING, Any
@@ -41,9 +39,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import IndexOutOfRange, QueryError
+from ..errors import QueryError
 from ..models.objective import Objective
 from ..store.resident import block_product
+from .scoring import check_indices
 from .topk import RunningTopK
 
 if TYPE_CHECKING:
@@ -143,7 +142,7 @@ def _query_features(run: Run, space: Space, x: torch.Tensor, g: torch.Tensor) ->
     """(m, f) query rows for test inputs x and their store-space gradients g (m, d)."""
     if space is Space.GRADIENTS:
         return g
-    return penultimate_features(run.objective, run.theta, x)
+    return penultimate_features(run.model.objective, run.model.theta, x)
 
 
 def train_features(run: Run, space: str | Space = DEFAULT_SPACE) -> np.ndarray:
@@ -152,11 +151,11 @@ def train_features(run: Run, space: str | Space = DEFAULT_SPACE) -> np.ndarray:
 
     def compute() -> np.ndarray:
         if sp is Space.GRADIENTS:  # converted block by block: no full copy in the compute dtype
-            return run.resident.to_numpy(np.float32)
-        rows = penultimate_features(run.objective, run.theta, run.x_train)
+            return run.store.resident.to_numpy(np.float32)
+        rows = penultimate_features(run.model.objective, run.model.theta, run.data.x_train)
         return np.ascontiguousarray(rows.detach().cpu().numpy(), dtype=np.float32)
 
-    return run.cached(("knn-features", sp.value), compute)
+    return run.cache.get(("knn-features", sp.value), compute)
 
 
 # ---------------------------------------------------------------------- index
@@ -235,35 +234,21 @@ def _normalise(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a / np.maximum(norm, np.finfo(np.float32).tiny), dtype=np.float32)
 
 
-# one index per (run, space, metric, backend), dropped with the run
-_INDEXES: weakref.WeakKeyDictionary[Run, dict[tuple[str, str, str], KNNIndex]] = (
-    weakref.WeakKeyDictionary())
-_INDEX_LOCK = threading.Lock()
-
-
 def run_index(run: Run, *, space: str | Space = DEFAULT_SPACE, metric: str | Metric = DEFAULT_METRIC,
               backend: str = "auto") -> KNNIndex:
-    """The kNN index over ``run``'s training points in ``space``, built once per run."""
+    """The kNN index over ``run``'s training points in ``space``, built once and kept in the
+    run's cache."""
     sp: Space = _parse(Space, space)
     mt: Metric = _parse(Metric, metric)
-    key = (sp.value, mt.value, backend)
-    with _INDEX_LOCK:
-        per_run = _INDEXES.setdefault(run, {})
-        index = per_run.get(key)
-        if index is None:
-            index = per_run[key] = KNNIndex(train_features(run, sp), metric=mt, backend=backend)
-    return index
+    return run.cache.get(("knn-index", sp.value, mt.value, backend),
+                         lambda: KNNIndex(train_features(run, sp), metric=mt, backend=backend))
 
 
 # ---------------------------------------------------------------------- queries
-def _test_indices(test_index: int | Sequence[int] | np.ndarray, n: int) -> np.ndarray:
-    arr = np.atleast_1d(np.asarray(test_index))
-    if arr.dtype.kind not in "iu" or arr.ndim != 1 or arr.size == 0:
-        raise QueryError(f"test index must be one or more integers, got {test_index!r}")
-    bad = arr[(arr < 0) | (arr >= n)]
-    if bad.size:
-        raise IndexOutOfRange(f"test index {int(bad[0])} is out of range 0..{n - 1}")
-    return arr.astype(np.int64)
+def _nonempty(idx: np.ndarray, given: object) -> np.ndarray:
+    if idx.size == 0:
+        raise QueryError(f"test index must be one or more integers, got {given!r}")
+    return idx
 
 
 def gradient_norm_order(run: Run) -> np.ndarray:
@@ -272,22 +257,18 @@ def gradient_norm_order(run: Run) -> np.ndarray:
     def compute() -> np.ndarray:
         return np.argsort(-run.gradient_norms(), kind="stable").astype(np.int64)
 
-    return run.cached(("knn-grad-norm-order", "store"), compute)
-
-
-# the pool's ids and a contiguous copy of their store rows (store dtype), per run and pool size
-_POOLS: weakref.WeakKeyDictionary[Run, dict[int, tuple[np.ndarray, torch.Tensor]]] = (
-    weakref.WeakKeyDictionary())
+    return run.cache.get(("knn-grad-norm-order",), compute)
 
 
 def _pool(run: Run, size: int) -> tuple[np.ndarray, torch.Tensor]:
-    with _INDEX_LOCK:
-        per_run = _POOLS.setdefault(run, {})
-        hit = per_run.get(size)
-        if hit is None:
-            ids = gradient_norm_order(run)[:size]
-            hit = per_run[size] = (ids, run.resident.data[torch.as_tensor(ids, device=run.device)])
-    return hit
+    """The pool's ids and a contiguous copy of their store rows (store dtype), kept in the
+    run's bounded cache per pool size (a request parameter: the budget bounds them all)."""
+
+    def compute() -> tuple[np.ndarray, torch.Tensor]:
+        ids = gradient_norm_order(run)[:size]
+        return ids, run.store.resident.data[torch.as_tensor(ids, device=run.device)]
+
+    return run.cache.get(("knn-pool", int(size)), compute)
 
 
 def fastif_candidates(run: Run, test_index: int | Sequence[int] | np.ndarray, *,
@@ -308,12 +289,12 @@ def fastif_candidates(run: Run, test_index: int | Sequence[int] | np.ndarray, *,
     if pool < 0:
         raise QueryError(f"pool must be >= 0, got {pool}")
     sp: Space = _parse(Space, space)
-    idx = _test_indices(test_index, run.n_test)
+    idx = _nonempty(check_indices(test_index, run.n_test, "test"), test_index)
     index = run_index(run, space=sp, metric=metric, backend=backend)  # built before the query
     outliers, outlier_rows = _pool(run, pool) if pool else (None, None)
-    g = run.test_gradients(idx)  # (m, d)
+    g = run.queries.test_gradients(idx)  # (m, d)
     s = run.solver(ihvp).solve(g.T.contiguous())  # (d, m) = H⁻¹ ∇L(z_test)
-    query = _query_features(run, sp, run.x_test[torch.as_tensor(idx, device=run.device)], g)  # (m, f)
+    query = _query_features(run, sp, run.data.x_test[torch.as_tensor(idx, device=run.device)], g)  # (m, f)
     _, near = index.search(query, min(candidates, run.n_train))  # (m, c)
     # the pool's rows are one contiguous block, scored for every test point in one product
     pool_scores = None
@@ -323,7 +304,7 @@ def fastif_candidates(run: Run, test_index: int | Sequence[int] | np.ndarray, *,
     for j in range(len(idx)):
         near_j = torch.as_tensor(near[j], device=run.device)
         ids = near[j]
-        scores = (-run.resident.rows_product(near_j, s[:, j : j + 1])[:, 0]).cpu().double().numpy()  # (c,)
+        scores = (-run.store.resident.rows_product(near_j, s[:, j : j + 1])[:, 0]).cpu().double().numpy()  # (c,)
         if outliers is not None and pool_scores is not None:
             new = ~np.isin(outliers, ids)
             ids = np.concatenate([ids, outliers[new]])
@@ -369,7 +350,7 @@ def fastif_top_influences(run: Run, test_index: int | Sequence[int] | np.ndarray
     if candidates < top:
         raise QueryError(f"candidates ({candidates}) must be at least top ({top})")
     t0 = time.perf_counter()
-    idx = _test_indices(test_index, run.n_test)
+    idx = _nonempty(check_indices(test_index, run.n_test, "test"), test_index)
     found = fastif_candidates(run, idx, candidates=candidates, pool=pool, ihvp=ihvp, space=space,
                               metric=metric, backend=backend)
     labels = run.dataset.y_train

@@ -16,6 +16,7 @@ On open the manifest is checked against the file and against the fingerprints th
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -27,8 +28,21 @@ import torch
 from ..errors import RunError, StaleRunError
 from .files import load_json, save_json
 
-__all__ = ["GRADS_FILE", "MANIFEST_FILE", "PARTIAL_GRADS_FILE", "DONE_FILE", "SCHEMA_VERSION",
-           "StoreWriter", "open_store", "STORE_DTYPES", "TORCH_DTYPES", "as_torch", "to_store_numpy"]
+__all__ = [
+    "DONE_FILE",
+    "GRADS_FILE",
+    "MANIFEST_FILE",
+    "PARTIAL_GRADS_FILE",
+    "SCHEMA_VERSION",
+    "STORE_DTYPES",
+    "TORCH_DTYPES",
+    "StoreWriter",
+    "as_torch",
+    "open_store",
+    "to_store_numpy",
+]
+
+logger = logging.getLogger(__name__)
 
 GRADS_FILE = "grads.npy"
 MANIFEST_FILE = "manifest.json"
@@ -96,9 +110,15 @@ class StoreWriter:
         try:
             a = np.load(self._tmp, mmap_mode="r")
             d = np.load(self._done_path, mmap_mode="r")
-        except Exception:  # a file cut short by a kill: start afresh
+        except (ValueError, OSError, EOFError) as exc:  # a file cut short by a kill: start afresh
+            logger.warning("%s: the partial store cannot be read (%s: %s); starting it afresh",
+                           self._tmp, type(exc).__name__, exc)
             return False
-        return a.shape == (self.n, self.dim) and a.dtype == np_dtype and d.shape == (self.n,)
+        same = a.shape == (self.n, self.dim) and a.dtype == np_dtype and d.shape == (self.n,)
+        if not same:
+            logger.warning("%s: the partial store is %s %s, not (%d, %d) %s; starting it afresh",
+                           self._tmp, a.shape, a.dtype, self.n, self.dim, np_dtype)
+        return same
 
     def missing(self, rows: slice | None = None) -> np.ndarray:
         """Indices (int64, ascending) of rows in ``rows`` (default: all) not yet written."""

@@ -29,7 +29,7 @@ def test_train_point_self_influence_and_rank(client: TestClient, run: engine.Run
 def test_self_influence_is_minus_g_hinv_g(client: TestClient, run: engine.Run) -> None:
     """Independent of the engine's self-influence path: −gᵀH⁻¹g by a NumPy float64 dense solve."""
     h = run.solver("exact").hessian.cpu().double().numpy()  # (p, p)
-    g = run.resident.data.cpu().double().numpy()  # (n, p) data-loss gradients
+    g = run.store.resident.data.cpu().double().numpy()  # (n, p) data-loss gradients
     want = -np.einsum("ij,ij->i", g, np.linalg.solve(h, g.T).T)
     got = [client.get(f"/api/v1/train-points/{i}").json()["self_influence"] for i in (1, 2, 3)]
     np.testing.assert_allclose(got, want[1:4], rtol=1e-8)
@@ -106,7 +106,7 @@ def test_train_routes_bad_input(client: TestClient, url: str, status: int) -> No
 def test_mislabel_baselines_rank_and_ride_along(client: TestClient, run: engine.Run, by: str) -> None:
     proba = run.predict_proba(run.dataset.x_train)
     loss = -np.log(proba[np.arange(N_TRAIN), run.dataset.y_train])  # cross-entropy, independently
-    norm = np.linalg.norm(run.resident.data.cpu().double().numpy(), axis=1)
+    norm = np.linalg.norm(run.store.resident.data.cpu().double().numpy(), axis=1)
     body = client.get("/api/v1/self-influence", params={"top": 15, "by": by}).json()
     assert body["by"] == by
     values = loss if by == "loss" else norm
@@ -121,8 +121,8 @@ def test_mislabel_baselines_rank_and_ride_along(client: TestClient, run: engine.
 def test_params_per_layer(client: TestClient, run: engine.Run) -> None:
     body = client.get("/api/v1/train-points/6/params").json()
     vec = run.params(6)  # (p,) I_up,params
-    assert [layer["name"] for layer in body["layers"]] == run.objective.names
-    parts = np.split(vec, np.cumsum(run.objective.numels)[:-1])
+    assert [layer["name"] for layer in body["layers"]] == run.model.objective.names
+    parts = np.split(vec, np.cumsum(run.model.objective.numels)[:-1])
     for layer, part in zip(body["layers"], parts):
         assert layer["numel"] == part.size
         assert layer["norm"] == pytest.approx(np.linalg.norm(part), rel=1e-10)

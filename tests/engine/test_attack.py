@@ -16,13 +16,13 @@ from engine.models.train import train_convex
 
 def _retrained_test_loss(run: engine.Run, x_train: np.ndarray, test_id: int) -> float:
     """Train logreg from zero on x_train (an independent path: L-BFGS + Newton from scratch)."""
-    obj = run.objective
-    obj.load_flat(torch.zeros_like(run.theta))
-    x = torch.from_numpy(x_train).to(run.dtype)
-    theta = train_convex(obj, x, run.y_train, weight_decay=run.config.weight_decay).theta
-    obj.load_flat(run.theta)
+    obj = run.model.objective
+    obj.load_flat(torch.zeros_like(run.model.theta))
+    x = torch.from_numpy(x_train).to(run.model.dtype)
+    theta = train_convex(obj, x, run.data.y_train, weight_decay=run.config.weight_decay).theta
+    obj.load_flat(run.model.theta)
     with torch.no_grad():
-        return float(obj.mean_loss(theta, run.x_test[test_id : test_id + 1], run.y_test[test_id : test_id + 1]))
+        return float(obj.mean_loss(theta, run.data.x_test[test_id : test_id + 1], run.data.y_test[test_id : test_id + 1]))
 
 
 def test_pixel_influence_matches_retraining(blobs_run: engine.Run) -> None:
@@ -58,12 +58,12 @@ def test_attack_flips_a_prediction_confirmed_by_retraining(tmp_path: Path) -> No
     # independent confirmation: train from scratch on the perturbed set
     xp = np.array(run.dataset.x_train)
     xp[out["train_ids"]] = out["perturbed"]
-    obj = run.objective
-    obj.load_flat(torch.zeros_like(run.theta))
-    theta = train_convex(obj, torch.from_numpy(xp), run.y_train, weight_decay=1e-2).theta
-    obj.load_flat(run.theta)
+    obj = run.model.objective
+    obj.load_flat(torch.zeros_like(run.model.theta))
+    theta = train_convex(obj, torch.from_numpy(xp), run.data.y_train, weight_decay=1e-2).theta
+    obj.load_flat(run.model.theta)
     with torch.no_grad():
-        assert int(obj.logits(theta, run.x_test[:1]).argmax()) == 0
+        assert int(obj.logits(theta, run.data.x_test[:1]).argmax()) == 0
     # the run itself is untouched
     assert run.predictions("test")[0].argmax() == 1
 

@@ -60,14 +60,14 @@ def test_projection_is_seeded_blocked_and_consistent() -> None:
 
 def test_projected_run_with_k_equal_p_reproduces_exact(blobs_npz: Path, blobs_run: engine.Run,
                                                        tmp_path: Path) -> None:
-    p = blobs_run.objective.n_params
+    p = blobs_run.model.objective.n_params
     proj = engine.build(str(blobs_npz), "logreg", tmp_path / "proj", ihvp="projected", project=p,
                         progress=False)
-    assert proj.resident.data.shape == (blobs_run.n_train, p)
+    assert proj.store.resident.data.shape == (blobs_run.n_train, p)
     np.testing.assert_allclose(proj.scores([0, 5]), blobs_run.scores([0, 5]), rtol=1e-6, atol=1e-9)
     small = engine.build(str(blobs_npz), "logreg", tmp_path / "proj8", ihvp="projected", project=8,
                          progress=False)
-    assert small.resident.data.shape == (blobs_run.n_train, 8)
+    assert small.store.resident.data.shape == (blobs_run.n_train, 8)
     corr = np.corrcoef(small.scores([0]).ravel(), blobs_run.scores([0]).ravel())[0, 1]
     assert 0.3 < corr < 1.0  # a sketch: correlated, not exact
     with pytest.raises(engine.QueryError, match="projected"):
@@ -79,14 +79,14 @@ def test_torchscript_user_model_gives_the_builtin_scores(blobs_npz: Path, blobs_
     """The autograd path (TorchScript) and the torch.func path agree on the same θ̂."""
     model = build_model(ModelKind.LOGREG, input_shape=blobs_run.dataset.input_shape, n_classes=3,
                         train=TrainConfig(), seed=0).double()
-    blobs_run.objective.load_flat(blobs_run.theta)
-    model.load_state_dict(blobs_run.objective.model.state_dict())
+    blobs_run.model.objective.load_flat(blobs_run.model.theta)
+    model.load_state_dict(blobs_run.model.objective.model.state_dict())
     path = tmp_path / "model.pt"
     torch.jit.script(model).save(str(path))
     user = engine.build(str(blobs_npz), str(path), tmp_path / "user", progress=False)
-    assert user.info["model"]["kind"] == "user"
-    assert user.info["training"]["trained"] is False
-    assert user.info["training"]["grad_norm"] < 1e-8
+    assert user.info.model.kind.value == "user"
+    assert user.info.training["trained"] is False
+    assert user.info.training["grad_norm"] < 1e-8
     np.testing.assert_allclose(user.scores([1, 2]), blobs_run.scores([1, 2]), rtol=1e-8, atol=1e-10)
 
 

@@ -21,7 +21,10 @@ from engine.models import make_module, make_objective
 from engine.models import train as train_module
 from engine.models.losses import cross_entropy
 from engine.models.objective import Objective
-from engine.models.train import GRAD_TOL, _lbfgs, objective_value_and_grad, train_convex
+from engine.config import TrainConfig
+from engine.models.train import lbfgs, objective_value_and_grad, train_convex
+
+GRAD_TOL = TrainConfig().grad_tol
 
 CPU = torch.device("cpu")
 
@@ -116,7 +119,7 @@ def test_newton_from_the_start_reaches_the_lbfgs_optimum() -> None:
     assert 0 < res.iterations["newton_steps"] <= 12
     assert res.grad_norm <= GRAD_TOL
     # reference: L-BFGS, then Newton steps with the HVP-assembled Hessian
-    ref, _ = _lbfgs(_objective("logreg"), torch.zeros(obj.n_params, dtype=torch.float64), x, y,
+    ref, _ = lbfgs(_objective("logreg"), torch.zeros(obj.n_params, dtype=torch.float64), x, y,
                     weight_decay=lam, steps=2000)
     for _ in range(5):
         _, g = objective_value_and_grad(obj, ref, x, y, weight_decay=lam)
@@ -180,20 +183,20 @@ def _solve_path(run: engine.Run, damping: float | None = None) -> np.ndarray:
     h = run.solver("exact").hessian.double()
     if damping is not None:
         h = h + (damping - run.config.damping) * torch.eye(h.shape[0], dtype=torch.float64)
-    g = run.resident.data.double()  # (n, d)
-    t = run.test_gradients(np.arange(run.n_test)).double()  # (m, d)
+    g = run.store.resident.data.double()  # (n, d)
+    t = run.queries.test_gradients(np.arange(run.n_test)).double()  # (m, d)
     return (-(g @ torch.linalg.solve(h, t.T))).numpy()
 
 
 def test_exact_query_is_one_product_with_the_preconditioned_store(blobs_run: engine.Run) -> None:
     ref = _solve_path(blobs_run)
-    a = blobs_run.preconditioned()  # made now (else after n_train queried columns)
-    assert a is not None and a.shape == blobs_run.resident.data.shape
+    a = blobs_run.queries.preconditioned()  # made now (else after n_train queried columns)
+    assert a is not None and a.shape == blobs_run.store.resident.data.shape
     scores = blobs_run.scores()
     np.testing.assert_allclose(scores, ref, rtol=0, atol=1e-12 * np.abs(ref).max())
     # the streaming solve path (what other methods and runs use) gives the same matrix
-    s = blobs_run.solver().solve(blobs_run.test_gradients(np.arange(blobs_run.n_test)).T.contiguous())
-    streamed = torch.cat([b for _, b in blobs_run._score_blocks(s)]).numpy()
+    s = blobs_run.solver().solve(blobs_run.queries.test_gradients(np.arange(blobs_run.n_test)).T.contiguous())
+    streamed = torch.cat([-b for _, b in blobs_run.store.resident.products(s)]).numpy()
     np.testing.assert_allclose(scores, streamed, rtol=0, atol=1e-12 * np.abs(ref).max())
     cols = [3, 0, 3]
     np.testing.assert_allclose(blobs_run.scores(cols), ref[:, cols], rtol=0,
@@ -207,9 +210,9 @@ def test_the_preconditioned_store_is_made_once_n_train_columns_were_asked(blobs_
     per_query = run.n_test  # 40 columns a query, n_train = 150
     for q in range(1, 5):
         np.testing.assert_allclose(run.scores(), ref, rtol=0, atol=1e-12 * np.abs(ref).max())
-        assert (run._precond is not None) == (q * per_query >= run.n_train), q
+        assert (run.queries._precond is not None) == (q * per_query >= run.n_train), q
     run.scores(damping=0.3)  # other solvers neither count nor use it
-    assert run._exact_columns == 4 * per_query
+    assert run.queries._exact_columns == 4 * per_query
 
 
 def test_a_damping_override_scores_with_its_own_hessian(blobs_run: engine.Run) -> None:
@@ -223,7 +226,7 @@ def test_self_params_and_train_influence_agree_with_the_score_matrix(blobs_run: 
     scores = blobs_run.scores()
     np.testing.assert_allclose(blobs_run.train_influence(5), scores[5], rtol=1e-10, atol=1e-14)
     h = blobs_run.solver("exact").hessian.double()
-    g = blobs_run.resident.data.double()
+    g = blobs_run.store.resident.data.double()
     np.testing.assert_allclose(blobs_run.params(5), -torch.linalg.solve(h, g[5]).numpy(),
                                rtol=1e-10, atol=1e-14)
     self_ref = -(g * torch.linalg.solve(h, g.T).T).sum(1).numpy()
@@ -232,12 +235,12 @@ def test_self_params_and_train_influence_agree_with_the_score_matrix(blobs_run: 
 
 def test_no_preconditioned_store_for_other_runs(blobs_npz: Path, tmp_path: Path) -> None:
     cg = engine.build(str(blobs_npz), "logreg", tmp_path / "cg", ihvp="cg", progress=False)
-    assert cg.preconditioned() is None
+    assert cg.queries.preconditioned() is None
     np.testing.assert_allclose(cg.scores([0, 1], ihvp="exact"), _solve_path(cg)[:, [0, 1]],
                                rtol=1e-10, atol=1e-14)
     half = engine.build(str(blobs_npz), "logreg", tmp_path / "f32", store_dtype="float32",
                         progress=False)
-    assert half.preconditioned() is None
+    assert half.queries.preconditioned() is None
     projected = engine.build(str(blobs_npz), "logreg", tmp_path / "p", ihvp="projected", project=8,
                              progress=False)
-    assert projected.preconditioned() is None
+    assert projected.queries.preconditioned() is None

@@ -25,29 +25,30 @@ def test_block_cg_solves_many_right_hand_sides(m: int) -> None:
     a = _spd(60, 1e3)
     b = torch.randn(60, m, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     solver = BlockCG(lambda v: a @ v, CGConfig(tol=1e-10, prime=0))  # from scratch
-    x = solver.solve(b)
-    np.testing.assert_allclose(x.numpy(), torch.linalg.solve(a, b).numpy(), rtol=1e-7, atol=1e-9)
-    assert solver.diagnostics["converged"]
-    assert solver.diagnostics["max_relative_residual"] <= 1e-10
-    assert solver.diagnostics["hvps"] <= 60 + m  # the Krylov space never exceeds p (+ one block)
+    sol = solver.solve_report(b)
+    np.testing.assert_allclose(sol.x.numpy(), torch.linalg.solve(a, b).numpy(), rtol=1e-7, atol=1e-9)
+    assert torch.equal(solver.solve(b), sol.x)
+    assert sol.diagnostics["converged"]
+    assert sol.diagnostics["max_relative_residual"] <= 1e-10
+    assert sol.diagnostics["hvps"] <= 60 + m  # the Krylov space never exceeds p (+ one block)
 
 
 def test_block_cg_restarts_when_the_basis_is_capped() -> None:
     a = _spd(50, 1e2)
     b = torch.randn(50, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     solver = BlockCG(lambda v: a @ v, CGConfig(tol=1e-9, max_dim=12, max_iter=500, prime=0))
-    x = solver.solve(b)
-    np.testing.assert_allclose(x.numpy(), torch.linalg.solve(a, b).numpy(), rtol=1e-6, atol=1e-8)
-    assert solver.diagnostics["restarts"] > 0
+    sol = solver.solve_report(b)
+    np.testing.assert_allclose(sol.x.numpy(), torch.linalg.solve(a, b).numpy(), rtol=1e-6, atol=1e-8)
+    assert sol.diagnostics["restarts"] > 0
 
 
 def test_block_cg_reports_non_convergence() -> None:
     a = _spd(80, 1e6)
     b = torch.randn(80, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     solver = BlockCG(lambda v: a @ v, CGConfig(tol=1e-12, max_iter=3, prime=0))
-    solver.solve(b)
-    assert solver.diagnostics["converged"] is False
-    assert solver.diagnostics["max_relative_residual"] > 1e-12
+    d = solver.solve_report(b).diagnostics
+    assert d["converged"] is False
+    assert d["max_relative_residual"] > 1e-12
 
 
 def test_exact_solver_cholesky_and_indefinite_fallback() -> None:
@@ -75,13 +76,15 @@ def test_lissa_full_batch_converges_to_the_solve() -> None:
     solver = Lissa(lambda v, idx: a @ v, n_train=10,
                    config=LissaConfig(depth=5000, batch_size=10, tol=1e-9), scale=scale,
                    min_eigenvalue_bound=1.0)
-    np.testing.assert_allclose(solver.solve(b).numpy(), exact.numpy(), rtol=1e-6, atol=1e-8)
-    assert solver.diagnostics["converged"] and solver.diagnostics["bias_bound"] < 1e-9
-    assert solver.diagnostics["steps"][0] < 5000  # stopped once the bound was met
+    sol = solver.solve_report(b)
+    np.testing.assert_allclose(sol.x.numpy(), exact.numpy(), rtol=1e-6, atol=1e-8)
+    assert sol.diagnostics["converged"] and sol.diagnostics["bias_bound"] < 1e-9
+    assert sol.diagnostics["steps"][0] < 5000  # stopped once the bound was met
     loose = Lissa(lambda v, idx: a @ v, n_train=10, config=LissaConfig(batch_size=10, tol=1e-2),
                   scale=scale, min_eigenvalue_bound=1.0)
-    err = (loose.solve(b) - exact).norm() / exact.norm()
-    assert float(err) <= loose.diagnostics["bias_bound"] < 1e-2  # the bound bounds the error
+    sol = loose.solve_report(b)
+    err = (sol.x - exact).norm() / exact.norm()
+    assert float(err) <= sol.diagnostics["bias_bound"] < 1e-2  # the bound bounds the error
 
 
 def test_dense_hessian_matches_torch_func_hessian(blobs_run: engine.Run) -> None:
@@ -90,12 +93,12 @@ def test_dense_hessian_matches_torch_func_hessian(blobs_run: engine.Run) -> None
     lam = run.config.weight_decay
 
     def objective(theta: torch.Tensor) -> torch.Tensor:
-        return run.objective.mean_loss(theta, run.x_train, run.y_train) + 0.5 * lam * theta @ theta
+        return run.model.objective.mean_loss(theta, run.data.x_train, run.data.y_train) + 0.5 * lam * theta @ theta
 
-    ref = torch.func.hessian(objective)(run.theta)
-    hvp = full_hvp(run.objective, run.theta, run.x_train, run.y_train, shift=lam, data_chunk=37,
+    ref = torch.func.hessian(objective)(run.model.theta)
+    hvp = full_hvp(run.model.objective, run.model.theta, run.data.x_train, run.data.y_train, shift=lam, data_chunk=37,
                    tangent_block=5)
-    ours = dense_hessian(hvp, run.objective.n_params, dtype=torch.float64,
+    ours = dense_hessian(hvp, run.model.objective.n_params, dtype=torch.float64,
                          device=torch.device("cpu"), block=11)
     np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=1e-10, atol=1e-12)
 
@@ -114,16 +117,16 @@ def test_block_cg_in_float32_stops_at_working_precision() -> None:
     a = _spd(120, 1e2)
     b = torch.randn(120, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
     solver = BlockCG(lambda v: a.float() @ v, CGConfig(max_iter=200, prime=0))
-    x = solver.solve(b.float())
-    d = solver.diagnostics
+    sol = solver.solve_report(b.float())
+    x, d = sol.x, sol.diagnostics
     assert d["converged"] and 1e-6 < d["tol_used"] < 1e-4
     assert d["max_relative_residual"] <= d["tol_used"]
     assert d["block_steps"] < 40  # 28 here; before the floor it ran until the space was exhausted
     want = torch.linalg.solve(a, b)
     assert float((x.double() - want).norm() / want.norm()) < 2e-5
     f64 = BlockCG(lambda v: a @ v, CGConfig(max_iter=200, prime=0))
-    f64.solve(b)
-    assert f64.diagnostics["tol_used"] == 1e-8 and f64.diagnostics["converged"]
+    d64 = f64.solve_report(b).diagnostics
+    assert d64["tol_used"] == 1e-8 and d64["converged"]
 
 
 def test_a_float32_cg_run_converges(blobs_npz, tmp_path) -> None:
@@ -133,7 +136,7 @@ def test_a_float32_cg_run_converges(blobs_npz, tmp_path) -> None:
     ref = engine.build(str(blobs_npz), "mlp", tmp_path / "mlp64", device="cpu", ihvp="cg",
                        dtype="float64", progress=False)
     got, want = run.scores([0, 1]), ref.scores([0, 1])
-    d = run.solver().diagnostics
+    d = run.explain(0)["ihvp"]["diagnostics"]
     assert d["converged"] and d["block_steps"] < 100, d
     assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.999
 
@@ -149,9 +152,9 @@ def test_block_cg_on_a_singular_indefinite_operator_gives_the_minimum_norm_solut
     a = (q * evals) @ q.T
     b = a @ torch.randn(40, 2, generator=g, dtype=torch.float64)  # in the range of a
     solver = BlockCG(lambda v: a @ v, CGConfig(tol=1e-10))
-    x = solver.solve(b)
-    np.testing.assert_allclose(x.numpy(), np.linalg.pinv(a.numpy()) @ b.numpy(), rtol=1e-7, atol=1e-9)
-    assert solver.diagnostics["converged"]
+    sol = solver.solve_report(b)
+    np.testing.assert_allclose(sol.x.numpy(), np.linalg.pinv(a.numpy()) @ b.numpy(), rtol=1e-7, atol=1e-9)
+    assert sol.diagnostics["converged"]
 
 
 def test_a_singular_float32_hessian_is_refused() -> None:
@@ -173,8 +176,7 @@ def test_lissa_diagnostics_stay_finite_for_a_zero_column_in_float32() -> None:
     b[:, 1] = 1.0
     solver = Lissa(lambda v, idx: a @ v, n_train=4, config=LissaConfig(depth=20, batch_size=4),
                    scale=10.0, min_eigenvalue_bound=1.0)
-    solver.solve(b)
-    assert np.isfinite(solver.diagnostics["last_relative_change"])
+    assert np.isfinite(solver.solve_report(b).diagnostics["last_relative_change"])
 
 
 @pytest.mark.parametrize("shift", [0.0, 3.5])
@@ -187,8 +189,9 @@ def test_the_explicit_inverse_solves_like_the_factorisation(shift: float) -> Non
     assert not plain.settings()["explicit_inverse"] and inverse.settings()["explicit_inverse"]
     want = torch.linalg.solve(a, b)
     for solver in (plain, inverse):
-        np.testing.assert_allclose(solver.solve(b).numpy(), want.numpy(), rtol=1e-9, atol=1e-11)
-        assert solver.diagnostics["max_relative_residual"] < 1e-11
+        sol = solver.solve_report(b)
+        np.testing.assert_allclose(sol.x.numpy(), want.numpy(), rtol=1e-9, atol=1e-11)
+        assert sol.diagnostics["max_relative_residual"] < 1e-11
     np.testing.assert_allclose(inverse.solve(b[:, 0]).numpy(), want[:, 0].numpy(), rtol=1e-9, atol=1e-11)
 
 
@@ -215,12 +218,12 @@ def test_a_primed_basis_answers_queries_with_few_hvps_and_no_history(shift: floa
     rhs = [torch.randn(300, 1, generator=gen, dtype=torch.float64) for _ in range(4)]
     answers = []
     for b in rhs:
-        x = primed.solve(b)
+        sol = primed.solve_report(b)
+        x, d = sol.x, sol.diagnostics
         np.testing.assert_allclose(x.numpy(), torch.linalg.solve(a, b).numpy(), rtol=1e-6, atol=1e-9)
-        d = primed.diagnostics
-        plain.solve(b)
+        plain_d = plain.solve_report(b).diagnostics
         assert d["converged"] and d["start_basis_dim"] > 32
-        assert d["hvps"] < 0.5 * plain.diagnostics["hvps"]
+        assert d["hvps"] < 0.5 * plain_d["hvps"]
         answers.append(x)
     settings = primed.settings()
     assert settings["start_basis_dim"] == d["start_basis_dim"] and settings["priming_hvps"] > 0
@@ -233,12 +236,11 @@ def test_the_start_basis_respects_its_budget_and_restarts_still_work() -> None:
     a = _spd(80, 30.0, seed=4)
     b = torch.randn(80, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
     tiny = BlockCG(lambda v: a @ v, CGConfig(tol=1e-10, basis_mb=0))
-    tiny.solve(b)
-    assert tiny.diagnostics["start_basis_dim"] == 0 and "start_basis_dim" not in tiny.settings()
+    assert tiny.solve_report(b).diagnostics["start_basis_dim"] == 0 and "start_basis_dim" not in tiny.settings()
     capped = BlockCG(lambda v: a @ v, CGConfig(tol=1e-9, max_dim=20, max_iter=500, prime=8))
-    x = capped.solve(b)
+    sol = capped.solve_report(b)
+    x, d = sol.x, sol.diagnostics
     np.testing.assert_allclose(x.numpy(), torch.linalg.solve(a, b).numpy(), rtol=1e-6, atol=1e-9)
-    d = capped.diagnostics
     assert d["converged"] and 8 <= d["start_basis_dim"] <= 20 and d["krylov_dim"] <= 20
 
 
@@ -269,15 +271,15 @@ def test_narrow_hvps_take_larger_data_chunks(digits_run: engine.Run, monkeypatch
     from engine.ihvp.hvp import work_blocks
 
     run = digits_run
-    chunk, block = work_blocks(run.objective, run.x_train)
+    chunk, block = work_blocks(run.model.objective, run.data.x_train)
     calls = []
-    real = run.objective.hvp
-    monkeypatch.setattr(run.objective, "hvp", lambda *a: (calls.append(a[2].shape[0]), real(*a))[1])
-    adaptive = full_hvp(run.objective, run.theta, run.x_train, run.y_train, shift=0.01)
-    fixed = full_hvp(run.objective, run.theta, run.x_train, run.y_train, shift=0.01, data_chunk=100)
+    real = run.model.objective.hvp
+    monkeypatch.setattr(run.model.objective, "hvp", lambda *a: (calls.append(a[2].shape[0]), real(*a))[1])
+    adaptive = full_hvp(run.model.objective, run.model.theta, run.data.x_train, run.data.y_train, shift=0.01)
+    fixed = full_hvp(run.model.objective, run.model.theta, run.data.x_train, run.data.y_train, shift=0.01, data_chunk=100)
     gen = torch.Generator().manual_seed(15)
     for width in (1, 7):
-        v = torch.randn(run.objective.n_params, width, generator=gen, dtype=torch.float64)
+        v = torch.randn(run.model.objective.n_params, width, generator=gen, dtype=torch.float64)
         calls.clear()
         got = adaptive(v)
         expected_chunk = min(run.n_train, chunk * block // width)
@@ -292,7 +294,7 @@ def test_a_cg_run_primes_once_and_answers_reproducibly(blobs_npz, tmp_path) -> N
     first = run.scores([3])
     run.scores([0, 1, 2])
     assert np.array_equal(run.scores([3]), first)
-    d = run.solver().diagnostics
+    d = run.explain(3)["ihvp"]["diagnostics"]
     assert d["start_basis_dim"] > 0 and d["converged"]
     exact = run.scores([3], ihvp="exact")
     np.testing.assert_allclose(first, exact, rtol=1e-6, atol=1e-9 * np.abs(exact).max())
@@ -344,16 +346,16 @@ def test_a_failed_priming_leaves_cg_unprimed_not_broken() -> None:
     solver = BlockCG(hvp, CGConfig(tol=1e-10))
     b = torch.randn(60, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(18))
     for _ in range(2):
-        np.testing.assert_allclose(solver.solve(b).numpy(), torch.linalg.solve(a, b).numpy(), rtol=1e-6)
-        assert solver.diagnostics["start_basis_dim"] == 0
+        sol = solver.solve_report(b)
+        np.testing.assert_allclose(sol.x.numpy(), torch.linalg.solve(a, b).numpy(), rtol=1e-6)
+        assert sol.diagnostics["start_basis_dim"] == 0
     assert "out of memory" in solver.settings()["priming_error"]
 
 
 @pytest.mark.parametrize("method", ["cg", "lissa"])
-def test_each_thread_reads_the_diagnostics_of_its_own_solve(method: str) -> None:
-    """Two threads solve at once with one solver, then read ``diagnostics``: each sees its own
-    solve's figures (an eigenvector converges in one step, a random vector takes many), and a
-    thread that never solved sees the last solve's."""
+def test_each_thread_gets_the_diagnostics_of_its_own_solve(method: str) -> None:
+    """Two threads solve at once with one solver: each solve's report carries its own figures
+    (an eigenvector converges in one step, a random vector takes many), equal to a serial solve's."""
     import threading
 
     a = _spd(50, 1e2, seed=8)
@@ -370,12 +372,9 @@ def test_each_thread_reads_the_diagnostics_of_its_own_solve(method: str) -> None
     seen: dict[int, object] = {}
 
     def worker(w: int) -> None:
-        solver.solve(rhs[w])
-        mine = solver.diagnostics[key]
-        both_solved.wait()
-        seen[w] = (mine, solver.diagnostics[key])  # after the other thread has solved too
+        both_solved.wait()  # both solves run at once
+        seen[w] = solver.solve_report(rhs[w]).diagnostics[key]
 
     assert run_in_threads(worker, 2) == []
-    assert seen[0][0] == seen[0][1] and seen[1][0] == seen[1][1]
-    assert seen[0][0] != seen[1][0]
-    assert solver.diagnostics[key] in (seen[0][0], seen[1][0])  # this thread never solved
+    assert seen[0] != seen[1]
+    assert [solver.solve_report(r).diagnostics[key] for r in rhs] == [seen[0], seen[1]]

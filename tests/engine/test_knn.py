@@ -81,7 +81,7 @@ def test_penultimate_features_are_the_last_linear_input():
 
 def test_logreg_features_are_the_input(blobs_run):
     np.testing.assert_array_equal(train_features(blobs_run, "features"),
-                                  blobs_run.x_train.numpy().astype(np.float32))
+                                  blobs_run.data.x_train.numpy().astype(np.float32))
     assert run_index(blobs_run) is run_index(blobs_run)  # built once per run
 
 
@@ -98,7 +98,7 @@ def test_candidate_scores_equal_full_scan(blobs_run, space):
 
 
 def test_pool_adds_the_largest_gradient_norms(blobs_run):
-    norms = np.linalg.norm(blobs_run.resident.data.numpy(), axis=1)
+    norms = np.linalg.norm(blobs_run.store.resident.data.numpy(), axis=1)
     pool = np.argsort(-norms)[:25]
     np.testing.assert_array_equal(gradient_norm_order(blobs_run)[:25], pool)
     idx = [4, 9]

@@ -63,12 +63,14 @@ def test_first_order_group_influence_is_the_sum_of_member_influences(blobs_run: 
     group, tests = [4, 9, 9, 30], [0, 5, 11]  # repeats count once
     scores = blobs_run.scores(tests)
     out = group_influence(blobs_run, group, tests, order=1)
-    assert out["order"] == 1 and out["group_size"] == 3
+    assert out.order == 1 and out.group_size == 3
     want = scores[[4, 9, 30]].sum(axis=0)
-    np.testing.assert_allclose([r["influence"] for r in out["results"]], want, rtol=1e-9)
-    np.testing.assert_allclose([r["predicted_loss_change"] for r in out["results"]],
-                               -want / blobs_run.n_train, rtol=1e-9)
-    assert [r["test_id"] for r in out["results"]] == tests
+    np.testing.assert_allclose(out.influence, want, rtol=1e-9)
+    np.testing.assert_allclose(out.predicted_loss_change, -want / blobs_run.n_train, rtol=1e-9)
+    assert out.test_ids.tolist() == tests
+    rest = out.to_dict()  # the REST shape, row by row the same arrays
+    assert [r["influence"] for r in rest["results"]] == out.influence.tolist()
+    assert [r["test_id"] for r in rest["results"]] == tests and rest["group_size"] == 3
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -95,8 +97,7 @@ def test_second_order_tracks_group_retraining_better_than_first(digits_run: engi
     actual = group_removal(run, group, tests)["actual"]
 
     def predicted(order: int) -> np.ndarray:
-        out = group_influence(run, group, tests, order=order)["results"]
-        return np.array([r["predicted_loss_change"] for r in out])
+        return group_influence(run, group, tests, order=order).predicted_loss_change
 
     err1 = np.abs(predicted(1) - actual).mean()
     err2 = np.abs(predicted(2) - actual).mean()
@@ -110,7 +111,7 @@ def test_second_order_needs_full_gradients(tmp_path: Path, blobs_npz: Path) -> N
                        ihvp="projected", progress=False)
     with pytest.raises(engine.QueryError, match="full gradients"):
         group_influence(run, [1], [0], order=2)
-    assert len(group_influence(run, [1], [0], order=1)["results"]) == 1
+    assert group_influence(run, [1], [0], order=1).influence.shape == (1,)
 
 
 @pytest.mark.parametrize("ihvp,rounds,points", [("exact", 3, 20), ("cg", 1, 3)])

@@ -61,7 +61,7 @@ def leftovers(folder: Path) -> list[str]:
 
 def test_pristine_copy_opens(run_copy):
     run = engine.open_run(run_copy)
-    assert run.n_train == N_TRAIN and run.resident.data.shape == (N_TRAIN, N_PARAMS)
+    assert run.n_train == N_TRAIN and run.store.resident.data.shape == (N_TRAIN, N_PARAMS)
 
 
 def test_changed_npz_makes_the_run_stale(tmp_path, capsys):

@@ -66,8 +66,8 @@ def reference(blobs_run: engine.Run):
 
 def test_training_reaches_the_reference_optimum(blobs_run: engine.Run, reference) -> None:
     theta_ref, _ = reference
-    assert blobs_run.info["training"]["grad_norm"] < 1e-8
-    np.testing.assert_allclose(blobs_run.theta.numpy(), theta_ref, rtol=1e-7, atol=1e-9)
+    assert blobs_run.info.training["grad_norm"] < 1e-8
+    np.testing.assert_allclose(blobs_run.model.theta.numpy(), theta_ref, rtol=1e-7, atol=1e-9)
 
 
 def test_exact_scores_match_float64_reference(blobs_run: engine.Run, reference) -> None:
@@ -86,21 +86,20 @@ def test_iterative_solvers_agree_with_exact(blobs_run: engine.Run, reference, me
     _, ref = reference
     ours = blobs_run.scores(ihvp=method)
     assert np.corrcoef(ours.ravel(), ref.ravel())[0, 1] >= threshold
-    report = blobs_run.ihvp_report(method)
-    assert report["diagnostics"]["converged"] is True
+    report = blobs_run.explain(0, ihvp=method)["ihvp"]
+    assert report["method"] == method and report["diagnostics"]["converged"] is True
 
 
 def test_cg_reports_a_small_true_residual(blobs_run: engine.Run) -> None:
-    blobs_run.scores(ihvp="cg")
-    diag = blobs_run.ihvp_report("cg")["diagnostics"]
+    diag = blobs_run.explain(0, ihvp="cg")["ihvp"]["diagnostics"]
     assert diag["max_relative_residual"] <= 1e-8
-    assert diag["hvps"] <= blobs_run.objective.n_params  # block Krylov: never more than p
+    assert diag["hvps"] <= blobs_run.model.objective.n_params  # block Krylov: never more than p
 
 
 def test_self_influence_is_the_diagonal(blobs_run: engine.Run, reference) -> None:
     """I(z_i, z_i) from run.self_influence equals the diagonal of the train-as-test scores."""
     _, _ = reference
-    g = blobs_run.resident.data  # (n, p)
+    g = blobs_run.store.resident.data  # (n, p)
     full = -(g @ blobs_run.solver("exact").solve(g.T.contiguous())).numpy()
     np.testing.assert_allclose(blobs_run.self_influence(), np.diag(full), rtol=1e-10)
     assert (blobs_run.self_influence() < 0).all()  # −gᵀH⁻¹g with H positive definite
@@ -108,14 +107,14 @@ def test_self_influence_is_the_diagonal(blobs_run: engine.Run, reference) -> Non
 
 def test_params_influence_predicts_parameter_change(blobs_run: engine.Run) -> None:
     """−H⁻¹g_i/n is the first-order change of θ̂ when z_i is removed (within O(1/n²))."""
-    from engine.validate import _retrain_convex
+    from engine.validate import retrain_convex
 
     i = 7
     keep = np.ones(blobs_run.n_train, dtype=bool)
     keep[i] = False
-    new = _retrain_convex(blobs_run.objective, blobs_run.theta, blobs_run.x_train[keep],
-                          blobs_run.y_train[keep], lam=1e-2, newton=blobs_run.solver("exact"))
-    actual = (new - blobs_run.theta).numpy()
+    new = retrain_convex(blobs_run.model.objective, blobs_run.model.theta, blobs_run.data.x_train[keep],
+                          blobs_run.data.y_train[keep], lam=1e-2, newton=blobs_run.solver("exact"))
+    actual = (new - blobs_run.model.theta).numpy()
     predicted = -blobs_run.params(i) / blobs_run.n_train
     assert np.corrcoef(actual, predicted)[0, 1] > 0.99
     assert np.linalg.norm(actual - predicted) < 0.2 * np.linalg.norm(actual)  # n = 150: O(1/n) terms

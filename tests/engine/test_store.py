@@ -157,15 +157,16 @@ def test_batched_topk_equals_a_full_sort(digits_run: engine.Run) -> None:
     run = digits_run
     idx = np.arange(0, 64)
     scores = torch.from_numpy(run.scores(idx))  # (n, m)
-    s = run.solver().solve(run.test_gradients(idx).T.contiguous())
-    (hv, hi), (av, ai) = run.topk_scores(s, TOP)
+    s = run.solver().solve(run.queries.test_gradients(idx).T.contiguous())
+    (hv, hi), (av, ai) = run.queries.topk_scores(s, TOP)
     ref_hv, ref_hi = naive_topk(scores, TOP, largest=False)
     ref_av, ref_ai = naive_topk(scores, TOP, largest=True)
     assert torch.equal(hi, ref_hi) and torch.equal(ai, ref_ai)
     torch.testing.assert_close(hv, ref_hv, rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(av, ref_av, rtol=1e-10, atol=1e-14)
-    one = run.top_influences(run.test_gradients(idx[5:6]), top=TOP)[0]
-    assert [r["train_id"] for r in one["harmful"]] == ref_ai[:, 5].tolist()
+    one = run.queries.top_influences(run.queries.test_gradients(idx[5:6]), top=TOP)
+    assert one.harmful_ids[:, 0].tolist() == ref_ai[:, 5].tolist()
+    assert one.lists(0, run.dataset.y_train)["harmful"][0]["train_id"] == int(ref_ai[0, 5])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,7 +215,7 @@ def _as_dtype(run: engine.Run, dtype: str, dst: Path) -> engine.Run:
 def test_low_precision_scores_agree_with_float32(projected_f32: engine.Run, tmp_path: Path,
                                                  dtype: str, min_pearson: float, max_rel: float) -> None:
     low = _as_dtype(projected_f32, dtype, tmp_path / dtype)
-    assert low.resident.dtype == getattr(torch, dtype)
+    assert low.store.resident.dtype == getattr(torch, dtype)
     ref, got = projected_f32.scores(), low.scores()  # (n_train, n_test)
     pearson = float(np.corrcoef(ref.ravel(), got.ravel())[0, 1])
     worst, overlap = 0.0, []
@@ -240,9 +241,8 @@ def test_fastif_and_groups_on_a_float16_run(projected_f32: engine.Run, tmp_path:
         np.testing.assert_allclose(scores, full[ids, j], rtol=1e-5, atol=1e-6 * np.abs(full).max())
     group = found[0][0][:30]
     res = group_influence(low, group.tolist(), tests)
-    got = [r["influence"] for r in res["results"]]
-    np.testing.assert_allclose(got, full[group].sum(axis=0), rtol=1e-5)
-    assert low.resident.dtype == torch.float16 and not hasattr(low, "store")
+    np.testing.assert_allclose(res.influence, full[group].sum(axis=0), rtol=1e-5)
+    assert low.store.resident.dtype == torch.float16  # scored block by block: no full upcast copy
 
 
 def test_build_with_a_bfloat16_store(blobs_npz: Path, tmp_path: Path) -> None:
@@ -250,7 +250,7 @@ def test_build_with_a_bfloat16_store(blobs_npz: Path, tmp_path: Path) -> None:
                        project=8, store_dtype="bfloat16", progress=False)
     man = json.loads((run.path / MANIFEST_FILE).read_text())
     assert man["dtype"] == "bfloat16" and np.load(run.path / GRADS_FILE).dtype == np.uint16
-    assert run.resident.dtype == torch.bfloat16
+    assert run.store.resident.dtype == torch.bfloat16
     ref = engine.build(str(blobs_npz), "logreg", tmp_path / "f64", device="cpu", ihvp="projected",
                        project=8, progress=False)
     want = ref.scores([0, 1])

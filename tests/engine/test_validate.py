@@ -30,7 +30,7 @@ def test_svm_smooth_hinge_influence_tracks_hinge_retraining(tmp_path: Path) -> N
     hinge SVM without each point. Measured on digits: Pearson 0.952 on these 48 pairs (and on
     80 others); t = 0.001 gives 0.909, t = 0.1 gives 0.862."""
     run = engine.build("digits", "svm", tmp_path / "svm", progress=False)
-    training = run.info["training"]
+    training = run.info.training
     assert training["loss"] == "hinge" and training["grad_norm"] < 1e-8
     assert run.config.svm_temperature == 0.01
     result = leave_one_out(run, test_index=[0, 1, 2, 3, 4, 5], top=8)
@@ -56,7 +56,7 @@ def test_hinge_svm_is_the_optimum_of_the_contract_objective() -> None:
 def test_mlp_warm_started_leave_one_out(blobs_npz: Path, tmp_path: Path) -> None:
     run = engine.build(str(blobs_npz), "mlp", tmp_path / "mlp", progress=False,
                        train=engine.TrainConfig(epochs=40, hidden=(8,)))
-    assert run.info["training"]["grad_norm"] < 1e-4
+    assert run.info.training["grad_norm"] < 1e-4
     result = leave_one_out(run, test_index=[0, 1, 2], top=5, lbfgs_steps=400)
     assert "warm-started" in result["ground_truth"]
     assert result["pearson"] >= 0.8

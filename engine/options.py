@@ -1,0 +1,76 @@
+"""The build's command-line options, defined once from :class:`~engine.config.BuildConfig`.
+
+``influence build`` (``app/cli.py``) and ``python -m engine.distributed`` both call
+:func:`add_build_options` and :func:`build_kwargs`, so a default lives in the config dataclass
+alone and every entry point reads it from there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from .config import BuildConfig, IHVPMethod, TrainConfig
+
+__all__ = ["STORE_DTYPE_CHOICES", "add_build_options", "build_kwargs", "config_default"]
+
+STORE_DTYPE_CHOICES = ("auto", "float64", "float32", "float16", "bfloat16")
+
+
+def config_default(name: str, cls: type = BuildConfig) -> Any:
+    """The default of field ``name`` of a config dataclass."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def add_build_options(p: argparse.ArgumentParser) -> None:
+    """Every option of a build, with its default and help taken from the config."""
+    d = config_default
+    p.add_argument("--data", required=True,
+                   help="digits, fashion-mnist, idx:DIR, PATH.npz or an image folder")
+    p.add_argument("--model", required=True,
+                   help="logreg, svm, mlp, cnn, resnet, a TorchScript file, or package.module:factory")
+    p.add_argument("--out", required=True, type=Path, help="run folder to create")
+    p.add_argument("--weight-decay", type=float, default=d("weight_decay"),
+                   help=f"λ of the objective ({d('weight_decay')})")
+    p.add_argument("--damping", type=float, default=d("damping"), help=f"δ added to the Hessian ({d('damping')})")
+    p.add_argument("--ihvp", choices=[m.value for m in IHVPMethod], default=d("ihvp").value,
+                   help=f"default IHVP method ({d('ihvp').value})")
+    p.add_argument("--project", type=int, default=d("project"), metavar="K",
+                   help="store gradients projected to K dims (needs --ihvp projected)")
+    p.add_argument("--device", default=d("device"), help="auto, cpu or cuda")
+    p.add_argument("--seed", type=int, default=d("seed"))
+    p.add_argument("--train-size", type=int, default=d("train_size"), metavar="N",
+                   help="a seeded, stratified subset of N training points (all)")
+    p.add_argument("--test-size", type=int, default=d("test_size"), metavar="M",
+                   help="a seeded, stratified subset of M test points (all)")
+    p.add_argument("--dtype", default=d("dtype"), choices=("auto", "float64", "float32"))
+    p.add_argument("--store-dtype", default=d("store_dtype"), choices=STORE_DTYPE_CHOICES,
+                   help="gradient store dtype (auto: the compute dtype); float16/bfloat16 halve "
+                        "the store of a large projected run, scores accumulate in float32")
+    p.add_argument("--chunk-size", type=int, default=d("chunk_size"),
+                   help=f"training points per per-sample-gradient block and store write ({d('chunk_size')})")
+    p.add_argument("--weights", default=d("weights"), help="state_dict for a module:factory model")
+    p.add_argument("--svm-temperature", type=float, default=d("svm_temperature"),
+                   help=f"temperature t of the smooth hinge svm influence goes through ({d('svm_temperature')})")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"training epochs for networks ({config_default('epochs', TrainConfig)})")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed build of the same settings from its .OUT.partial folder")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+
+
+def build_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of :func:`engine.build` (after data, model, out) from parsed options."""
+    out: dict[str, Any] = {
+        "weight_decay": args.weight_decay, "damping": args.damping, "ihvp": args.ihvp,
+        "project": args.project, "device": args.device, "seed": args.seed,
+        "train_size": args.train_size, "test_size": args.test_size, "dtype": args.dtype,
+        "store_dtype": args.store_dtype, "chunk_size": args.chunk_size, "weights": args.weights,
+        "svm_temperature": args.svm_temperature, "force": args.force, "resume": args.resume,
+    }
+    if args.epochs is not None:
+        out["train"] = TrainConfig(epochs=args.epochs)
+    return out
