@@ -99,8 +99,14 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=5000, help="training images for the 'net' row")
     parser.add_argument("--fisher-n", type=int, default=5000)
     parser.add_argument("--fisher-k", default="1024,2048,4096")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: torch's default); on a shared machine 1 avoids "
+                             "the stalls of a 2-thread pool whose second core is busy")
+    parser.add_argument("--spaces", default="full,projected")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "curvature_bench.json"))
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     machine = {"platform": platform.platform(), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "device": str(device),
@@ -114,7 +120,7 @@ def main() -> None:
     header = (f"{'space':9} {'layer':9} {'d_out×d_in':>11} {'s':>5} {'cov img/s':>10} {'eigh s':>7} "
               f"{'Λ img/s':>9} {'solve1 ms':>10} {'solve100 ms':>12}")
     print(header)
-    for space in ("full", "projected"):
+    for space in args.spaces.split(","):
         rows, fit_s, solve_ms = [], 0.0, 0.0
         for name, d_out, d_in, s, count in RESNET18:
             if space == "projected":
