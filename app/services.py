@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from engine import IHVPMethod, IndexOutOfRange, QueryError, Run
+from engine import IndexOutOfRange, QueryError, Run
 from engine.group import group_influence
 from engine.trust import load_trust
 from engine.validate import group_removal
@@ -64,9 +64,7 @@ class Dashboard:
     @property
     def methods(self) -> list[str]:
         """IHVP methods a query may ask for on this run."""
-        if self.run.store.projected:
-            return [IHVPMethod.PROJECTED.value]
-        return [m.value for m in IHVPMethod if m is not IHVPMethod.PROJECTED]
+        return [m.value for m in self.run.solvers.available()]
 
     def _test_predicted(self) -> np.ndarray:
         return self.run.predictions("test").argmax(axis=1)
@@ -91,6 +89,10 @@ class Dashboard:
             "class_names": self.class_names,
             "input_shape": list(run.dataset.input_shape),
             "n_params": run.info.model.n_params,
+            "tracked": {"patterns": run.config.params, "n_params": run.info.model.n_params,
+                        "n_params_all": run.info.raw["model"].get("n_params_all", run.info.model.n_params)},
+            "store": {"kind": run.store.space.kind, "k": run.store.space.dim if run.store.projected else None,
+                      "dtype": run.store.manifest.get("dtype")},
             "weight_decay": run.config.weight_decay,
             "damping": run.config.damping,
             "training": run.info.training,

@@ -13,6 +13,7 @@ partial folder; a killed process (SIGKILL, out of memory, preemption) leaves it 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -27,22 +28,32 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import BuildConfig, IHVPMethod, ModelKind
+from .config import AUTO_IHVP, BuildConfig, IHVPMethod, ModelKind
 from .data import BUILTIN_DATA, IDX_PREFIX, Dataset, fingerprint, load_data
 from .distributed import Comm, LocalComm, reduced_hessian, reduced_hvp, shard_rows
 from .errors import InfluenceError, RunError
-from .grads.per_sample import per_sample_grads
-from .grads.projection import Projector
+from .grads.layers import select_modules
+from .grads.space import CALIBRATION_SAMPLES, make_space
 from .ihvp import data_hessian, full_hvp, projected_curvature
-from .models import build_dtype, make_module, make_objective, model_fingerprint, model_kind, resolve_device
-from .models.svm import hinge_kkt_residual, hinge_objective, train_hinge_svm
-from .models.svm import to_flat as svm_to_flat
-from .models.train import objective_value_and_grad, train_convex, train_network
+from .ihvp.hessian import linear_layer
+from .models import (
+    build_dtype,
+    load_buffers,
+    make_module,
+    make_objective,
+    model_buffers,
+    model_fingerprint,
+    model_kind,
+    resolve_device,
+)
+from .plan import check_config, check_method, exact_ahead, plan_build
 from .run import Run
 from .runinfo import CURVATURE_FILE, RUN_FILE, RUN_SCHEMA, SCRIPT_FILE, THETA_FILE, RunInfo
 from .solvers import lissa_scale, parse_method
+from .stages import accuracy, ekfac_factors, row_runs, train_theta
 from .store.files import load_json, load_tensors, save_json, save_tensors
-from .store.gradients import DONE_FILE, GRADS_FILE, MANIFEST_FILE, STORE_DTYPES, StoreWriter
+from .store.gradients import DONE_FILE, GRADS_FILE, MANIFEST_FILE, StoreWriter, open_store
+from .store.resident import ResidentStore
 
 __all__ = ["ENGINE_VERSION", "STATE_FILE", "build", "partial_folder"]
 
@@ -58,24 +69,6 @@ def partial_folder(out: Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
 
-def _check(config: BuildConfig) -> None:
-    if not config.weight_decay >= 0:
-        raise InfluenceError(f"--weight-decay must be >= 0, got {config.weight_decay}")
-    if not config.damping >= 0:
-        raise InfluenceError(f"--damping must be >= 0, got {config.damping}")
-    if config.project is not None and config.project < 1:
-        raise InfluenceError(f"--project must be a positive integer, got {config.project}")
-    if (config.project is not None) != (config.ihvp is IHVPMethod.PROJECTED):
-        raise InfluenceError("--ihvp projected and --project K go together: give both or neither")
-    if not config.svm_temperature > 0:
-        raise InfluenceError(f"--svm-temperature must be > 0, got {config.svm_temperature}")
-    if config.chunk_size < 1:
-        raise InfluenceError(f"chunk size must be >= 1, got {config.chunk_size}")
-    if config.store_dtype != "auto" and config.store_dtype not in STORE_DTYPES:
-        raise InfluenceError(f"--store-dtype must be auto or one of {', '.join(STORE_DTYPES)}, "
-                             f"got {config.store_dtype!r}")
-
-
 def _data_spec(data: str) -> str:
     """A data spec with its path made absolute (built-in names stay as they are)."""
     if data in BUILTIN_DATA:
@@ -83,10 +76,6 @@ def _data_spec(data: str) -> str:
     if data.startswith(IDX_PREFIX):
         return IDX_PREFIX + str(Path(data[len(IDX_PREFIX):]).resolve())
     return str(Path(data).resolve())
-
-
-def _accuracy(run_logits: torch.Tensor, y: torch.Tensor) -> float:
-    return float((run_logits.argmax(1) == y).double().mean())
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
@@ -113,15 +102,19 @@ def build(data: str, model: str, out: str | Path, *, force: bool = False, progre
     """Build a run folder at ``out`` and return it opened.
 
     ``options`` sets any :class:`~engine.config.BuildConfig` field (``weight_decay``,
-    ``damping``, ``ihvp``, ``project``, ``device``, ``seed``, ``train_size``, ``test_size``,
-    ``dtype``, ``store_dtype``, ``weights``, ``svm_temperature``, ``chunk_size``, ``train``,
-    ``cg``, ``lissa``); what is not given takes the config's default. Refuses an existing ``out`` unless ``force``. ``resume`` continues a killed
+    ``damping``, ``ihvp``, ``project``, ``projection``, ``params``, ``device``, ``seed``,
+    ``train_size``, ``test_size``, ``dtype``, ``store_dtype``, ``weights``, ``svm_temperature``,
+    ``chunk_size``, ``train``, ``cg``, ``lissa``); what is not given takes the config's default,
+    except ``ihvp``, which defaults to ``auto`` (:func:`engine.plan.auto_method`: a method that
+    finishes in minutes for the model's size). Refuses an existing ``out`` unless ``force``. ``resume`` continues a killed
     build of the same settings from its partial folder. ``comm`` (see :mod:`engine.distributed`)
     spreads the work over processes; then only rank 0 returns the run (the others return None).
     """
     comm = comm or LocalComm()
-    if "ihvp" in options:
-        options["ihvp"] = parse_method(options["ihvp"])
+    requested = options.pop("ihvp", AUTO_IHVP)
+    requested = requested.value if isinstance(requested, IHVPMethod) else str(requested)
+    # `auto` is resolved once the model's size is known (engine.plan); until then a placeholder
+    options["ihvp"] = IHVPMethod.EXACT if requested == AUTO_IHVP else parse_method(requested)
     data_spec = _data_spec(data)
     model_spec = model
     if model_kind(model) is ModelKind.USER and Path(model).is_file():
@@ -130,7 +123,7 @@ def build(data: str, model: str, out: str | Path, *, force: bool = False, progre
         config = BuildConfig(data=data_spec, model=model_spec, **options)
     except TypeError as exc:
         raise InfluenceError(f"unknown build option: {exc}") from exc
-    _check(config)
+    check_config(config, requested)
     out = Path(out)
     if out.exists():
         if not force:
@@ -149,7 +142,8 @@ def build(data: str, model: str, out: str | Path, *, force: bool = False, progre
             save_json(tmp / STATE_FILE, {"config": config.to_dict()})
     comm.barrier()
     try:
-        info, ds = _build_into(tmp, config, progress=progress and comm.is_root, comm=comm)
+        info, ds = _build_into(tmp, config, requested=requested, progress=progress and comm.is_root,
+                               comm=comm)
         if comm.is_root:
             for leftover in (STATE_FILE, DONE_FILE):
                 (tmp / leftover).unlink(missing_ok=True)
@@ -180,53 +174,7 @@ def _store_dtype(config: BuildConfig, dtype: torch.dtype) -> str:
     return {torch.float64: "float64", torch.float32: "float32"}[dtype]
 
 
-def _train(config: BuildConfig, kind: ModelKind, obj: Any, ds: Any, x: torch.Tensor, y: torch.Tensor,
-           *, dev: torch.device, dtype: torch.dtype, progress: bool) -> tuple[torch.Tensor, dict[str, Any]]:
-    """θ̂ (p,) and what training reports."""
-    lam = config.weight_decay
-    if kind is ModelKind.USER:
-        theta = obj.flat_params()
-        _, g = objective_value_and_grad(obj, theta, x, y, weight_decay=lam)
-        return theta, {"trained": False, "grad_norm": float(g.norm())}
-    if kind is ModelKind.SVM:  # the true hinge (liblinear); influence uses the smooth hinge
-        xs, ys = np.asarray(ds.x_train), np.asarray(ds.y_train)
-        rows = train_hinge_svm(xs, ys, n_classes=ds.n_classes, weight_decay=lam, seed=config.seed)
-        theta = torch.from_numpy(svm_to_flat(rows)).to(dev, dtype)
-        _, g = objective_value_and_grad(obj, theta, x, y, weight_decay=lam)
-        kkt = hinge_kkt_residual(rows, xs, ys, weight_decay=lam)
-        return theta, {"trained": True, "loss": "hinge", "solver": "liblinear dual coordinate descent",
-                       "grad_norm": kkt, "kkt_residual": kkt, "smooth_grad_norm": float(g.norm()),
-                       "objective": hinge_objective(rows, xs, ys, weight_decay=lam)}
-    if kind.convex:
-        msgs: list[str] = []
-        res = train_convex(obj, x, y, weight_decay=lam, log=msgs.append, config=config.train)
-        return res.theta, {"trained": True, "grad_norm": res.grad_norm, "objective": res.objective,
-                           "iterations": res.iterations, "log": msgs}
-    tc = config.train
-    with tqdm(total=tc.epochs, desc="train", unit="epoch", disable=not progress, file=sys.stderr) as bar, \
-            tqdm(total=tc.lbfgs_steps if tc.polish_s > 0 else 0, desc="polish (L-BFGS)", unit="it",
-                 disable=not progress or tc.polish_s <= 0, file=sys.stderr, leave=True) as polish:
-        res = train_network(obj, x, y, weight_decay=lam, config=tc, seed=config.seed,
-                            epoch_bar=bar.update, polish_bar=polish.update)
-    return res.theta, {"trained": True, "grad_norm": res.grad_norm, "objective": res.objective,
-                       "iterations": res.iterations,
-                       "stopping": f"{tc.epochs} epochs of {tc.optimizer}, then L-BFGS until "
-                                   f"{tc.lbfgs_steps} iterations, its tolerance or {tc.polish_s:g} s"}
-
-
-def _runs(rows: np.ndarray, size: int) -> list[slice]:
-    """Sorted row indices → contiguous slices of at most ``size`` rows."""
-    out: list[slice] = []
-    if rows.size == 0:
-        return out
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    for part in np.split(rows, breaks):
-        for s in range(0, len(part), size):
-            out.append(slice(int(part[s]), int(part[min(s + size, len(part)) - 1]) + 1))
-    return out
-
-
-def _build_into(folder: Path, config: BuildConfig, *, progress: bool, comm: Comm
+def _build_into(folder: Path, config: BuildConfig, *, requested: str, progress: bool, comm: Comm
                 ) -> tuple[dict[str, Any], Dataset]:
     """The run's ``run.json`` content (empty on ranks other than 0) and the loaded data."""
     state: dict[str, Any] = load_json(folder / STATE_FILE) if comm.is_root else {}
@@ -248,51 +196,72 @@ def _build_into(folder: Path, config: BuildConfig, *, progress: bool, comm: Comm
     data_fp = fingerprint(ds)
     timings.setdefault("load_data_s", time.perf_counter() - t0)
     module = make_module(config, input_shape=ds.input_shape, n_classes=ds.n_classes)
-    obj = make_objective(module, config, device=dev, dtype=dtype)
+    tracked = select_modules(module, config.params).param_names if config.params else None
     n = ds.n_train
+    if config.dtype == "auto" and not kind.convex and exact_ahead(module, tracked, config, requested, n, kind):
+        # a network small enough for the dense Hessian computes in float64: float32 cannot
+        # resolve its small eigenvalues (a blobs MLP's H was refused as singular at 3.7e-5)
+        dtype = torch.float64
+    obj_all = make_objective(module, config, device=dev, dtype=dtype)  # every trainable parameter
     mine = shard_rows(n, comm.rank, comm.world)  # this process's training rows
     x_all = np.asarray(ds.x_train)
     y_all = np.asarray(ds.y_train)
     x = torch.from_numpy(np.array(x_all[mine])).to(dev, dtype)
     y = torch.from_numpy(np.array(y_all[mine])).to(dev)
 
+    # ---- the plan: `auto` resolved, every stage's memory and time estimated before it starts
+    plan = plan_build(config, obj_all, x, y, kind=kind, n_test=ds.n_test,
+                      linear=linear_layer(obj_all) is not None, ihvp_requested=requested)
+    config = dataclasses.replace(config, ihvp=plan.ihvp)
+    check_method(config)
+    if comm.is_root and progress:
+        print("\n".join(plan.lines()), file=sys.stderr)
+    plan.check()
+
     # ---- θ̂: trained on rank 0 (or taken from the interrupted build), broadcast to every rank
     t = time.perf_counter()
-    theta = torch.zeros(obj.n_params, dtype=dtype, device=dev)
+    theta_all = torch.zeros(obj_all.n_params, dtype=dtype, device=dev)
     if comm.is_root:
         if "training" in state and (folder / THETA_FILE).is_file():
-            theta = load_tensors(folder / THETA_FILE)["theta"].to(dev, dtype)
+            theta_all = load_tensors(folder / THETA_FILE)["all"].to(dev, dtype)
         else:
             x_full = x if comm.world == 1 else torch.from_numpy(np.array(x_all)).to(dev, dtype)
             y_full = y if comm.world == 1 else torch.from_numpy(np.array(y_all)).to(dev)
-            theta, train_info = _train(config, kind, obj, ds, x_full, y_full, dev=dev, dtype=dtype,
-                                       progress=progress)
-            obj.load_flat(theta)
+            theta_all, train_info = train_theta(config, kind, obj_all, ds, x_full, y_full, dev=dev,
+                                                dtype=dtype, progress=progress)
+            obj_all.load_flat(theta_all)
             with torch.no_grad():
-                train_info["train_accuracy"] = _accuracy(obj.logits(theta, x_full), y_full)
+                train_info["train_accuracy"] = accuracy(obj_all.logits(theta_all, x_full), y_full)
                 x_test = torch.from_numpy(np.array(ds.x_test)).to(dev, dtype)
                 y_test = torch.from_numpy(np.array(ds.y_test)).to(dev)
-                train_info["test_accuracy"] = _accuracy(obj.logits(theta, x_test), y_test)
+                train_info["test_accuracy"] = accuracy(obj_all.logits(theta_all, x_test), y_test)
             train_info["convex"] = kind.convex
-            save_tensors(folder / THETA_FILE, {"theta": theta})
+            obj = make_objective(module, config, device=dev, dtype=dtype, tracked=tracked)
+            save_tensors(folder / THETA_FILE, {"theta": obj.flat_params(), "all": theta_all,
+                                               **model_buffers(module)})
             if kind is ModelKind.USER and ":" not in config.model:
                 shutil.copyfile(config.model, folder / SCRIPT_FILE)
             record("training", train_info, train_s=time.perf_counter() - t)
             logger.info("trained %s (%d parameters) in %.1f s: |grad R| %.2e, test accuracy %.3f",
-                        kind.value, obj.n_params, time.perf_counter() - t, train_info["grad_norm"],
+                        kind.value, obj_all.n_params, time.perf_counter() - t, train_info["grad_norm"],
                         train_info["test_accuracy"])
-    theta = comm.broadcast(theta.contiguous())
-    obj.load_flat(theta)
+    theta_all = comm.broadcast(theta_all.contiguous())
+    obj_all.load_flat(theta_all)
+    comm.barrier()  # model.pt is written: every rank takes rank 0's buffers (BatchNorm statistics)
+    load_buffers(module, load_tensors(folder / THETA_FILE))
+    obj = make_objective(module, config, device=dev, dtype=dtype, tracked=tracked)  # θ: the tracked ones
+    theta = obj.flat_params()
     model_fp = model_fingerprint(obj, theta)
 
     # ---- per-sample gradients → store: each rank its own rows, only those not yet done
     t = time.perf_counter()
-    projector = (Projector(obj.n_params, config.project, seed=config.seed, dtype=dtype, device=dev)
-                 if config.project else None)
-    dim = config.project or obj.n_params
+    calibration = torch.from_numpy(np.array(x_all[:CALIBRATION_SAMPLES])), torch.from_numpy(
+        np.array(y_all[:CALIBRATION_SAMPLES]))  # the same on every rank: the same split of K
+    space = make_space(obj, theta, projection=config.projection, k=config.project, seed=config.seed,
+                       params=config.params, x=calibration[0], y=calibration[1])
+    dim = space.dim
     store_dtype = _store_dtype(config, dtype)
-    extra = {"data_fingerprint": data_fp, "model_fingerprint": model_fp,
-             "projection": {"k": config.project, "seed": config.seed} if config.project else None}
+    extra = {"data_fingerprint": data_fp, "model_fingerprint": model_fp, "projection": space.describe()}
     store_done = (folder / GRADS_FILE).is_file()  # renamed only once every row was in
     if not store_done:
         writer = StoreWriter(folder, n=n, dim=dim, dtype=store_dtype, resume=True) if comm.is_root else None
@@ -302,14 +271,13 @@ def _build_into(folder: Path, config: BuildConfig, *, progress: bool, comm: Comm
         todo = writer.missing(mine)
         with tqdm(total=mine.stop - mine.start, initial=mine.stop - mine.start - len(todo),
                   desc="gradients", unit="img", disable=not progress, file=sys.stderr) as bar:
-            for rows in _runs(todo, config.chunk_size):
+            for rows in row_runs(todo, config.chunk_size):
                 local = slice(rows.start - mine.start, rows.stop - mine.start)
 
                 def sink(part: slice, block: torch.Tensor, base: int = rows.start) -> None:
                     writer.write(slice(base + part.start, base + part.stop), block)
 
-                per_sample_grads(obj, theta, x[local], y[local], chunk_size=config.chunk_size,
-                                 projector=projector, sink=sink, progress=bar.update)
+                space.rows(x[local], y[local], chunk=config.chunk_size, sink=sink, progress=bar.update)
         comm.barrier()  # every rank's rows are in
         if comm.is_root:
             writer.finish(extra)
@@ -331,8 +299,6 @@ def _build_into(folder: Path, config: BuildConfig, *, progress: bool, comm: Comm
     done = bool(comm.broadcast(torch.tensor([float("curvature" in state)], dtype=torch.float64)).item())
     if not done:
         weight = (mine.stop - mine.start) / n  # this rank's share of the mean
-        local = full_hvp(obj, theta, x, y, shift=0.0)
-        hvp = reduced_hvp(local, weight=weight, shift=shift, comm=comm)
         curvature = {"method": config.ihvp.value, "shift": shift}
         if config.ihvp is IHVPMethod.EXACT:
             with tqdm(total=obj.n_params, desc="hessian", unit="col", disable=not progress,
@@ -342,15 +308,24 @@ def _build_into(folder: Path, config: BuildConfig, *, progress: bool, comm: Comm
             if comm.is_root:
                 save_tensors(folder / CURVATURE_FILE, {"hessian": h})
         elif config.ihvp is IHVPMethod.PROJECTED:
-            assert projector is not None
-            c = projected_curvature(hvp, projector)
+            assert space.projector is not None
+            hvp = reduced_hvp(full_hvp(obj, theta, x, y, shift=0.0), weight=weight, shift=shift, comm=comm)
+            c = projected_curvature(hvp, space.projector)
             if comm.is_root:
                 save_tensors(folder / CURVATURE_FILE, {"projected": c})
         elif config.ihvp is IHVPMethod.LISSA and config.lissa.scale is None:
+            hvp = reduced_hvp(full_hvp(obj, theta, x, y, shift=0.0), weight=weight, shift=shift, comm=comm)
             curvature["lissa_scale"] = lissa_scale(hvp, n_params=obj.n_params, config=config,
                                                    dtype=dtype, device=dev)
+        elif config.ihvp is IHVPMethod.EKFAC and comm.is_root:  # factors from all the data, on rank 0
+            array, _ = open_store(folder, expect={"data_fingerprint": data_fp, "model_fingerprint": model_fp})
+            store = ResidentStore.load(array, store_dtype, device=dev, compute_dtype=dtype)
+            x_full = torch.from_numpy(np.array(x_all)).to(dev, dtype)
+            save_tensors(folder / CURVATURE_FILE, ekfac_factors(
+                space, x_full, torch.from_numpy(np.array(y_all)), store, progress=progress))
         record("curvature", curvature, curvature_s=time.perf_counter() - t)
         logger.info("curvature (%s) in %.1f s", config.ihvp.value, time.perf_counter() - t)
+    comm.barrier()
     timings["total_s"] = sum(v for k, v in timings.items() if k != "total_s")
     if not comm.is_root:
         return {}, ds
@@ -362,7 +337,9 @@ def _build_into(folder: Path, config: BuildConfig, *, progress: bool, comm: Comm
                  "n_test": ds.n_test, "input_shape": list(ds.input_shape),
                  "n_classes": ds.n_classes, "class_names": list(ds.class_names)},
         "model": {"kind": kind.value, "spec": config.model, "n_params": obj.n_params,
+                  "n_params_all": obj_all.n_params,
                   "dtype": str(dtype).replace("torch.", ""), "fingerprint": model_fp,
+                  "tracked": {"patterns": config.params, "n_params": obj.n_params},
                   "parameters": [{"name": n, "shape": list(s)}
                                  for n, s in zip(obj.names, obj.shapes)]},
         "objective": {"weight_decay": config.weight_decay, "damping": config.damping,
@@ -371,6 +348,7 @@ def _build_into(folder: Path, config: BuildConfig, *, progress: bool, comm: Comm
         "training": state["training"],
         "store": manifest,
         "curvature": curvature,
+        "plan": plan.to_dict(),
         "timings": timings,
         "device": str(dev),
         "processes": comm.world,

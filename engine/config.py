@@ -8,6 +8,7 @@ from enum import Enum
 from typing import Any
 
 __all__ = [
+    "AUTO_IHVP",
     "CONVEX_MODELS",
     "BuildConfig",
     "CGConfig",
@@ -45,11 +46,16 @@ class IHVPMethod(str, Enum):
     CG = "cg"  # block conjugate gradients on Hessian-vector products
     LISSA = "lissa"  # stochastic Neumann series (Agarwal et al. 2017)
     PROJECTED = "projected"  # k×k curvature PᵀHP in the projected gradient space
+    FISHER = "fisher"  # damped empirical Fisher of the stored gradients (d×d, from the store)
+    EKFAC = "ekfac"  # eigenvalue-corrected Kronecker-factored curvature per layer
 
     @property
     def needs_curvature_file(self) -> bool:
         """Whether a run built with this method keeps its curvature in ``curvature.pt``."""
-        return self in (IHVPMethod.EXACT, IHVPMethod.PROJECTED)
+        return self in (IHVPMethod.EXACT, IHVPMethod.PROJECTED, IHVPMethod.EKFAC)
+
+
+AUTO_IHVP = "auto"  # a build's --ihvp default: a method that finishes in minutes for the model's size
 
 
 @dataclass(frozen=True)
@@ -119,11 +125,13 @@ class BuildConfig:
     damping: float = 0.0
     ihvp: IHVPMethod = IHVPMethod.EXACT
     project: int | None = None
+    projection: str = "dense"  # dense (one Gaussian P) or kronecker (per layer P_outᵀ G P_in)
+    params: str | None = None  # fnmatch patterns of the tracked modules (None: every parameter)
     device: str = "auto"
     seed: int = 0
     train_size: int | None = None  # a seeded, stratified subset of the training split (None: all)
     test_size: int | None = None  # the same for the test split
-    dtype: str = "auto"  # float64 on the CPU, float32 on a GPU
+    dtype: str = "auto"  # float64 for convex models, float32 for networks
     store_dtype: str = "auto"  # the gradient store's dtype: auto (the compute dtype), float64,
     # float32, float16 or bfloat16 (2 bytes a value; scores accumulate in float32)
     weights: str | None = None  # state_dict for a ``module:factory`` user model

@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from .config import BuildConfig, IHVPMethod, TrainConfig
+from .config import AUTO_IHVP, BuildConfig, IHVPMethod, TrainConfig
 
 __all__ = ["STORE_DTYPE_CHOICES", "add_build_options", "build_kwargs", "config_default"]
 
@@ -36,10 +36,17 @@ def add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=d("weight_decay"),
                    help=f"λ of the objective ({d('weight_decay')})")
     p.add_argument("--damping", type=float, default=d("damping"), help=f"δ added to the Hessian ({d('damping')})")
-    p.add_argument("--ihvp", choices=[m.value for m in IHVPMethod], default=d("ihvp").value,
-                   help=f"default IHVP method ({d('ihvp').value})")
+    p.add_argument("--ihvp", choices=[AUTO_IHVP, *(m.value for m in IHVPMethod)], default=AUTO_IHVP,
+                   help="the run's IHVP method (auto: exact for small models, fisher for projected "
+                        "stores, cg or ekfac for larger networks; see engine/plan.py)")
     p.add_argument("--project", type=int, default=d("project"), metavar="K",
-                   help="store gradients projected to K dims (needs --ihvp projected)")
+                   help="store gradients projected to K dims (with --ihvp fisher, projected or ekfac)")
+    p.add_argument("--projection", choices=("dense", "kronecker"), default=d("projection"),
+                   help="dense: one Gaussian P (p, K); kronecker: per layer P_outᵀ G P_in from the "
+                        "layer's inputs and output gradients, never forming G (large networks)")
+    p.add_argument("--params", default=d("params"), metavar="PATTERNS",
+                   help="comma-separated fnmatch patterns of the modules whose parameters are "
+                        "tracked (e.g. fc: last-layer influence); default every parameter")
     p.add_argument("--device", default=d("device"), help="auto, cpu or cuda")
     p.add_argument("--seed", type=int, default=d("seed"))
     p.add_argument("--train-size", type=int, default=d("train_size"), metavar="N",
@@ -57,6 +64,10 @@ def add_build_options(p: argparse.ArgumentParser) -> None:
                    help=f"temperature t of the smooth hinge svm influence goes through ({d('svm_temperature')})")
     p.add_argument("--epochs", type=int, default=None,
                    help=f"training epochs for networks ({config_default('epochs', TrainConfig)})")
+    p.add_argument("--width", type=int, default=None,
+                   help=f"resnet base width ({config_default('width', TrainConfig)}; 64 is ResNet-18)")
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default=None,
+                   help=f"network training ({config_default('optimizer', TrainConfig)})")
     p.add_argument("--resume", action="store_true",
                    help="continue a killed build of the same settings from its .OUT.partial folder")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
@@ -66,11 +77,13 @@ def build_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments of :func:`engine.build` (after data, model, out) from parsed options."""
     out: dict[str, Any] = {
         "weight_decay": args.weight_decay, "damping": args.damping, "ihvp": args.ihvp,
-        "project": args.project, "device": args.device, "seed": args.seed,
+        "project": args.project, "projection": args.projection, "params": args.params,
+        "device": args.device, "seed": args.seed,
         "train_size": args.train_size, "test_size": args.test_size, "dtype": args.dtype,
         "store_dtype": args.store_dtype, "chunk_size": args.chunk_size, "weights": args.weights,
         "svm_temperature": args.svm_temperature, "force": args.force, "resume": args.resume,
     }
-    if args.epochs is not None:
-        out["train"] = TrainConfig(epochs=args.epochs)
+    train = {k: getattr(args, k) for k in ("epochs", "width", "optimizer") if getattr(args, k) is not None}
+    if train:
+        out["train"] = TrainConfig(**train)
     return out

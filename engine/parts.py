@@ -17,8 +17,17 @@ import torch
 
 from .data import Dataset, fingerprint, load_data
 from .errors import RunError, StaleRunError
+from .grads.layers import select_modules
 from .grads.projection import Projector
-from .models import make_module, make_objective, model_fingerprint, resolve_device, resolve_dtype
+from .grads.space import GradientSpace, space_from_manifest
+from .models import (
+    load_buffers,
+    make_module,
+    make_objective,
+    model_fingerprint,
+    resolve_device,
+    resolve_dtype,
+)
 from .models.objective import Objective
 from .runinfo import CURVATURE_FILE, SCRIPT_FILE, THETA_FILE, RunInfo
 from .store.files import load_tensors
@@ -82,19 +91,20 @@ class DataTensors:
 
 @dataclass(frozen=True)
 class GradientStore:
-    """The gradient store, resident in its own dtype, and the projection it was written with."""
+    """The gradient store, resident in its own dtype, and the space it was written in."""
 
     resident: ResidentStore  # (n_train, d) rows ∇L(z_i, θ̂), or their projections
-    projector: Projector | None  # d = K when set, else d = p
+    space: GradientSpace  # how a row is computed: full (d = p), dense or Kronecker projection (d = K)
     manifest: dict[str, Any]
 
     @property
-    def projected(self) -> bool:
-        return self.projector is not None
+    def projector(self) -> Projector | None:
+        """The dense projection P (p, K), when the store is densely projected."""
+        return self.space.projector
 
-    def to_store_space(self, g: torch.Tensor) -> torch.Tensor:
-        """Gradients (m, p) in the store's space (m, d)."""
-        return self.projector.project(g) if self.projector is not None else g
+    @property
+    def projected(self) -> bool:
+        return self.space.projected
 
 
 def load_parts(path: Path, info: RunInfo, *, device: str | None, dataset: Dataset | None
@@ -113,9 +123,14 @@ def load_parts(path: Path, info: RunInfo, *, device: str | None, dataset: Datase
     script = path / SCRIPT_FILE
     module = make_module(config, input_shape=ds.input_shape, n_classes=ds.n_classes,
                          script_path=script if script.exists() else None)
-    objective = make_objective(module, config, device=dev, dtype=dtype)
+    saved = load_tensors(path / THETA_FILE)
+    load_buffers(module, saved)
+    if "all" in saved:  # every trainable parameter: those θ leaves fixed (--params) come from here
+        make_objective(module, config, device=dev, dtype=dtype).load_flat(saved["all"].to(dev, dtype))
+    tracked = select_modules(module, config.params).param_names if config.params else None
+    objective = make_objective(module, config, device=dev, dtype=dtype, tracked=tracked)
     try:
-        theta = load_tensors(path / THETA_FILE)["theta"].to(dev, dtype)
+        theta = saved["theta"].to(dev, dtype)
     except KeyError as exc:
         raise RunError(f"{path / THETA_FILE}: cannot read the model parameters ({exc})") from exc
     if theta.shape != (objective.n_params,):
@@ -127,13 +142,11 @@ def load_parts(path: Path, info: RunInfo, *, device: str | None, dataset: Datase
                                                "model_fingerprint": info.model.fingerprint})
     # resident copy in the store's own dtype (float16/bfloat16 stay 2 bytes a value)
     resident = ResidentStore.load(array, manifest["dtype"], device=dev, compute_dtype=dtype)  # (n, d)
-    proj = manifest.get("projection")
-    projector = (Projector(objective.n_params, proj["k"], seed=proj["seed"], dtype=dtype, device=dev)
-                 if proj else None)
+    space = space_from_manifest(objective, theta, manifest.get("projection"))
     cpath = path / CURVATURE_FILE
     if config.ihvp.needs_curvature_file and not cpath.exists():
         raise RunError(f"{cpath}: missing (the {config.ihvp.value} curvature of this run); "
                        "rebuild the run")
     curvature = load_tensors(cpath) if cpath.exists() else {}
     return (LoadedModel(objective, theta, dev, dtype), DataTensors.of(ds, device=dev, dtype=dtype),
-            GradientStore(resident, projector, manifest), curvature)
+            GradientStore(resident, space, manifest), curvature)

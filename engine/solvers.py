@@ -29,6 +29,9 @@ from .ihvp import (
     full_hvp,
     largest_eigenvalue,
 )
+from .ihvp.ekfac import factors_from_tensors
+from .ihvp.ekfac_solver import EKFACSolver
+from .ihvp.fisher import FisherSolver
 from .parts import DataTensors, GradientStore, LoadedModel
 from .runinfo import RunInfo
 
@@ -99,21 +102,42 @@ class SolverBank:
             diagnostics = getattr(s, "diagnostics", {})
         return {"method": s.method.value, "settings": s.settings(), "diagnostics": dict(diagnostics)}
 
+    def available(self) -> list[IHVPMethod]:
+        """The IHVP methods a query may ask for on this run (what its store and curvature allow)."""
+        if self.store.projected:
+            out = [IHVPMethod.FISHER]
+            if "projected" in self._curvature:
+                out.insert(0, IHVPMethod.PROJECTED)
+        else:
+            out = [IHVPMethod.EXACT, IHVPMethod.CG, IHVPMethod.LISSA, IHVPMethod.FISHER]
+        if "dim" in self._curvature:  # EK-FAC factors
+            out.append(IHVPMethod.EKFAC)
+        return out
+
     def _make(self, m: IHVPMethod, damping: float | None) -> Solver:
-        projected = self.store.projected
-        if projected != (m is IHVPMethod.PROJECTED):
+        if m not in self.available():
+            kind = self.store.space.kind
             raise QueryError(
-                f"ihvp {m.value!r} cannot be used with this run: its store holds "
-                + ("projected gradients (use 'projected')" if projected
-                   else "full gradients (build with --project K to use 'projected')")
-            )
-        if damping is not None and projected:
+                f"ihvp {m.value!r} cannot be used with this run ({kind} gradients"
+                + ("" if kind == "full" else f", projected to {self.store.space.dim}")
+                + f"); use one of {', '.join(x.value for x in self.available())}"
+                + (" (build with --project K to use 'projected')" if m is IHVPMethod.PROJECTED
+                   and not self.store.projected else "")
+                + (" (build with --ihvp ekfac for EK-FAC factors)" if m is IHVPMethod.EKFAC else ""))
+        if damping is not None and self.store.projected and m is IHVPMethod.PROJECTED:
             raise QueryError("a damping other than the run's needs full gradients; this run is projected")
         cfg = self.config
         shift = cfg.weight_decay + (cfg.damping if damping is None else damping)
         obj, theta, x, y = self.model.objective, self.model.theta, self.data.x_train, self.data.y_train
         if m is IHVPMethod.PROJECTED:
             return ProjectedSolver(self._curvature["projected"].to(self.model.device, self.model.dtype))
+        extra = cfg.damping if damping is None else damping
+        if m is IHVPMethod.FISHER:
+            return FisherSolver(self.store.resident, weight_decay=cfg.weight_decay, damping=extra,
+                                device=self.model.device)
+        if m is IHVPMethod.EKFAC:
+            return EKFACSolver(factors_from_tensors(self._curvature), weight_decay=cfg.weight_decay,
+                               damping=extra, device=self.model.device)
         if m is IHVPMethod.EXACT:
             h = self._curvature.get("hessian")  # built with the run's own λ + δ
             if h is None:

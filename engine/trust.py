@@ -36,7 +36,7 @@ def _methods(run: Run, methods: Sequence[str] | None) -> list[str]:
     if methods is not None:
         return list(methods)
     if run.store.projected:
-        return [IHVPMethod.PROJECTED.value]
+        return [m.value for m in run.solvers.available()]
     return [m.value for m in (IHVPMethod.EXACT, IHVPMethod.CG, IHVPMethod.LISSA)]
 
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 
 from ..models.objective import Objective
+from .chunks import stream_rows
 from .projection import Projector
 
 __all__ = ["per_sample_grads", "per_sample_grads_loop"]
@@ -28,20 +29,14 @@ def per_sample_grads(
     With a ``sink`` each chunk is handed over as ``sink(rows, block)`` and nothing is returned;
     without one the whole (n, d) matrix is returned.
     """
-    n = len(x)
-    out: list[torch.Tensor] = []
-    for start in range(0, n, chunk_size):
-        rows = slice(start, min(start + chunk_size, n))
+
+    def one(rows: slice) -> torch.Tensor:
         g = objective.sample_grads(theta, x[rows], y[rows])  # (b, p)
-        if projector is not None:
-            g = projector.project(g)  # (b, K)
-        if sink is None:
-            out.append(g)
-        else:
-            sink(rows, g)
-        if progress is not None:
-            progress(rows.stop - rows.start)
-    return torch.cat(out) if sink is None else None
+        return projector.project(g) if projector is not None else g  # (b, K) with a projector
+
+    width = projector.k if projector is not None else objective.n_params
+    return stream_rows(len(x), chunk_size, one, sink=sink, progress=progress,
+                       empty=lambda: torch.empty(0, width, dtype=objective.dtype, device=objective.device))
 
 
 def per_sample_grads_loop(

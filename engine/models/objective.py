@@ -133,6 +133,8 @@ class Objective:
         self.n_params = sum(self.numels)
         self.functional = not isinstance(self.model, torch.jit.ScriptModule)
         self._buffers = dict(self.model.named_buffers())
+        # parameters θ leaves fixed enter the functional call as constants (no gradient flows to them)
+        self._buffers.update({n: p.detach() for n, p in self.frozen})
         self._params = [p for _, p in named]
         self._pool = ModulePool(self.model, swapped=self._params) if self.functional else None
 

@@ -17,7 +17,6 @@ import torch
 from ..cache import BoundedCache
 from ..config import IHVPMethod
 from ..errors import IndexOutOfRange, QueryError
-from ..grads.per_sample import per_sample_grads
 from ..ihvp import ExactSolver
 from ..parts import DataTensors, GradientStore, LoadedModel
 from ..results import TopInfluences
@@ -65,9 +64,7 @@ class Scorer:
 
     def input_gradients(self, x: torch.Tensor, y: torch.Tensor, *, chunk: int = 512) -> torch.Tensor:
         """(b, d) gradients for arbitrary inputs (b, *input_shape) with labels y (b,)."""
-        m = self.model
-        g = per_sample_grads(m.objective, m.theta, x.to(m.device, m.dtype), y.to(m.device),
-                             chunk_size=chunk, projector=self.store.projector)
+        g = self.store.space.rows(x, y, chunk=chunk)
         assert g is not None  # no sink: the gradients are returned
         return g
 

@@ -290,7 +290,8 @@ def test_narrow_hvps_take_larger_data_chunks(digits_run: engine.Run, monkeypatch
 def test_a_cg_run_primes_once_and_answers_reproducibly(blobs_npz, tmp_path) -> None:
     """A CG run's queries start from the primed basis: the same numbers for the same query
     whatever came before (the page, the API and an export agree), equal to the exact run."""
-    run = engine.build(str(blobs_npz), "mlp", tmp_path / "cg", device="cpu", ihvp="cg", progress=False)
+    run = engine.build(str(blobs_npz), "mlp", tmp_path / "cg", device="cpu", ihvp="cg", dtype="float64",
+                       progress=False)
     first = run.scores([3])
     run.scores([0, 1, 2])
     assert np.array_equal(run.scores([3]), first)

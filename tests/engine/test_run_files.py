@@ -327,7 +327,7 @@ def test_manifest_records_the_store(base_run):
 def test_manifest_records_the_projection(npz, tmp_path):
     run = build_small(npz, tmp_path / "proj", ihvp="projected", project=5, seed=3)
     man = json.loads((run.path / MANIFEST_FILE).read_text())
-    assert man["projection"] == {"k": 5, "seed": 3}
+    assert man["projection"] == {"kind": "dense", "k": 5, "seed": 3}
     assert (man["n"], man["dim"]) == (N_TRAIN, 5)
     assert run.scores([0]).shape == (N_TRAIN, 1)
 

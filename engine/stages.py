@@ -1,0 +1,134 @@
+"""The stages of a build that compute something: θ̂, and the curvature that needs more than the
+store (EK-FAC's factors). :mod:`engine.build` decides when each runs and where its result goes."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import BuildConfig, ModelKind
+from .data import Dataset
+from .grads.capture import capture
+from .grads.space import GradientSpace
+from .ihvp.ekfac import (
+    Batch,
+    DiagonalAccumulator,
+    fit_ekfac,
+    layer_layout,
+    rest_index,
+    split_groups,
+    unprojected_layout,
+)
+from .ihvp.ekfac import (
+    factors_to_tensors as ekfac_tensors,
+)
+from .models.objective import Objective
+from .models.svm import hinge_kkt_residual, hinge_objective, train_hinge_svm
+from .models.svm import to_flat as svm_to_flat
+from .models.train import objective_value_and_grad, train_convex, train_network
+from .store.resident import ResidentStore
+
+__all__ = ["EKFAC_CHUNK", "accuracy", "ekfac_factors", "row_runs", "train_theta"]
+
+EKFAC_CHUNK = 128  # training points per capture pass of the EK-FAC fit
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return float((logits.argmax(1) == y).double().mean())
+
+
+def row_runs(rows: np.ndarray, size: int) -> list[slice]:
+    """Sorted row indices → contiguous slices of at most ``size`` rows."""
+    out: list[slice] = []
+    if rows.size == 0:
+        return out
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    for part in np.split(rows, breaks):
+        for s in range(0, len(part), size):
+            out.append(slice(int(part[s]), int(part[min(s + size, len(part)) - 1]) + 1))
+    return out
+
+
+def train_theta(config: BuildConfig, kind: ModelKind, obj: Objective, ds: Dataset, x: torch.Tensor,
+                y: torch.Tensor, *, dev: torch.device, dtype: torch.dtype, progress: bool
+                ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """θ̂ (p,) of every trainable parameter, and what training reports."""
+    lam = config.weight_decay
+    if kind is ModelKind.USER:
+        theta = obj.flat_params()
+        _, g = objective_value_and_grad(obj, theta, x, y, weight_decay=lam)
+        return theta, {"trained": False, "grad_norm": float(g.norm())}
+    if kind is ModelKind.SVM:  # the true hinge (liblinear); influence uses the smooth hinge
+        xs, ys = np.asarray(ds.x_train), np.asarray(ds.y_train)
+        rows = train_hinge_svm(xs, ys, n_classes=ds.n_classes, weight_decay=lam, seed=config.seed)
+        theta = torch.from_numpy(svm_to_flat(rows)).to(dev, dtype)
+        _, g = objective_value_and_grad(obj, theta, x, y, weight_decay=lam)
+        kkt = hinge_kkt_residual(rows, xs, ys, weight_decay=lam)
+        return theta, {"trained": True, "loss": "hinge", "solver": "liblinear dual coordinate descent",
+                       "grad_norm": kkt, "kkt_residual": kkt, "smooth_grad_norm": float(g.norm()),
+                       "objective": hinge_objective(rows, xs, ys, weight_decay=lam)}
+    if kind.convex:
+        msgs: list[str] = []
+        res = train_convex(obj, x, y, weight_decay=lam, log=msgs.append, config=config.train)
+        return res.theta, {"trained": True, "grad_norm": res.grad_norm, "objective": res.objective,
+                           "iterations": res.iterations, "log": msgs}
+    tc = config.train
+    with tqdm(total=tc.epochs, desc="train", unit="epoch", disable=not progress, file=sys.stderr) as bar, \
+            tqdm(total=tc.lbfgs_steps if tc.polish_s > 0 else 0, desc="polish (L-BFGS)", unit="it",
+                 disable=not progress or tc.polish_s <= 0, file=sys.stderr) as polish:
+        res = train_network(obj, x, y, weight_decay=lam, config=tc, seed=config.seed,
+                            epoch_bar=bar.update, polish_bar=polish.update)
+    return res.theta, {"trained": True, "grad_norm": res.grad_norm, "objective": res.objective,
+                       "iterations": res.iterations,
+                       "stopping": f"{tc.epochs} epochs of {tc.optimizer}, then L-BFGS until "
+                                   f"{tc.lbfgs_steps} iterations, its tolerance or {tc.polish_s:g} s"}
+
+
+def ekfac_factors(space: GradientSpace, x: torch.Tensor, y: torch.Tensor, store: ResidentStore, *,
+                  progress: bool) -> dict[str, torch.Tensor]:
+    """EK-FAC's factors (as tensors, for ``curvature.pt``) of the tracked layers, in the store's
+    space: the Kronecker-projected (ã, δ̃) of a Kronecker store, the raw (a, δ) per group of a
+    full one. Store coordinates outside every layer block (exact modules' gradients) get the
+    diagonal correction ``E_i[g_ij²]`` from the store rows. Two capture passes over x."""
+    obj, selection, kron = space.objective, space.selection, space.kronecker
+    if selection is None:
+        from .grads.layers import select_modules
+
+        selection = select_modules(obj.model, None)
+    if kron is not None:
+        layout = layer_layout([(layer.name, *kron.factors(layer.name)) for layer in selection.kronecker])
+    else:
+        layout = unprojected_layout(selection.kronecker)
+    dim = space.dim
+    rest = rest_index(layout, dim)
+    diagonal = None
+    if len(rest):
+        acc = DiagonalAccumulator(rest)
+        for start in range(0, store.shape[0], 4096):
+            acc.update(store.rows(slice(start, start + 4096)))
+        diagonal = acc.diagonal()
+    x, y = x.to(obj.device, obj.dtype), y.to(obj.device)
+    passes = iter(("covariances", "eigenvalue correction"))
+
+    def batches() -> Iterator[Batch]:
+        with tqdm(total=len(x), desc=f"ekfac {next(passes)}", unit="img", disable=not progress,
+                  file=sys.stderr) as bar, space.hooks():
+            for start in range(0, len(x), EKFAC_CHUNK):
+                rows = slice(start, start + EKFAC_CHUNK)
+                caps = capture(obj.model, obj.loss_fn, x[rows], y[rows], selection=selection,
+                               projector=kron)
+                for name, lc in caps.kron.items():
+                    if kron is not None:
+                        yield name, lc.a, lc.delta
+                    else:
+                        yield from split_groups(name, lc.a, lc.delta)
+                bar.update(rows.stop - rows.start if rows.stop <= len(x) else len(x) - start)
+
+    factors = fit_ekfac(batches, layout, dim=dim, rest_diagonal=diagonal, dtype=obj.dtype,
+                        device=obj.device)
+    return ekfac_tensors(factors)
