@@ -45,7 +45,8 @@ def create_app(settings: Settings, *, run: engine.Run | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.run = run if run is not None else engine.open_run(settings.run)
+        app.state.run = (run if run is not None
+                         else engine.open_run(settings.run, cache_bytes=settings.cache_mb << 20))
         app.state.dashboard = Dashboard(app.state.run)
         db = make_engine(settings.resolved_database_url)
         migrate(db)

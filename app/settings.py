@@ -10,6 +10,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from engine.cache import DEFAULT_BUDGET_BYTES
+
 from .limits import DEFAULT_UPLOAD_LIMIT
 
 __all__ = ["DEFAULT_DEMO_RUN", "DEFAULT_UPLOAD_LIMIT", "ENV_PREFIX", "MIN_API_KEY", "DemoSettings",
@@ -28,7 +30,8 @@ class Settings(BaseSettings):
     environment: ``INFLUENCE_RUN``, ``INFLUENCE_HOST``, ``INFLUENCE_PORT``,
     ``INFLUENCE_DATABASE_URL``, ``INFLUENCE_UPLOAD_LIMIT``, ``INFLUENCE_TORCH_THREADS``,
     ``INFLUENCE_API_KEY``, ``INFLUENCE_CORS_ORIGINS`` (comma-separated),
-    ``INFLUENCE_LOG_LEVEL``, ``INFLUENCE_JOB_WORKERS``, ``INFLUENCE_MAX_PENDING_JOBS``.
+    ``INFLUENCE_LOG_LEVEL``, ``INFLUENCE_JOB_WORKERS``, ``INFLUENCE_MAX_PENDING_JOBS``,
+    ``INFLUENCE_CACHE_MB``.
     """
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True)
@@ -57,6 +60,9 @@ class Settings(BaseSettings):
                              "(retraining checks, attacks): retraining is CPU-bound")
     max_pending_jobs: int = Field(default=8, ge=1, le=1000, description="background jobs queued or "
                                   "running at once; more are refused with 429")
+    cache_mb: int = Field(default=DEFAULT_BUDGET_BYTES >> 20, ge=0, le=1 << 20,
+                          description="budget of the run's query caches in MiB (engine.cache): "
+                          "everything that grows with request parameters shares it")
 
     @property
     def resolved_database_url(self) -> str:

@@ -58,7 +58,7 @@ def test_health(client: TestClient, run: engine.Run) -> None:
     assert body["status"] == "ok"
     assert (body["n_train"], body["n_test"], body["n_classes"]) == (N_TRAIN, N_TEST, N_CLASSES)
     assert (body["model"], body["ihvp"]) == ("logreg", "exact")
-    assert body["methods"] == ["exact", "cg", "lissa"]
+    assert body["methods"] == ["exact", "cg", "lissa", "fisher"]  # what a full store allows
     assert body["test_accuracy"] == pytest.approx(run.info.training["test_accuracy"])
 
 

@@ -260,9 +260,14 @@ QUERY_ERRORS = {
     "negative weight decay": (lambda p: ["build", "--data", p.npz, "--model", "logreg",
                                          "--out", p.out / "run", "--weight-decay", "-0.5", *QUIET_CPU],
                               "weight-decay"),
-    "project without projected": (lambda p: ["build", "--data", p.npz, "--model", "logreg",
-                                             "--out", p.out / "run", "--project", 4, *QUIET_CPU],
-                                  "project"),
+    "project with an hvp method": (lambda p: ["build", "--data", p.npz, "--model", "logreg",
+                                              "--out", p.out / "run", "--project", 4, "--ihvp", "cg",
+                                              *QUIET_CPU],
+                                   "full gradients"),
+    "kronecker without project": (lambda p: ["build", "--data", p.npz, "--model", "logreg",
+                                             "--out", p.out / "run", "--projection", "kronecker",
+                                             *QUIET_CPU],
+                                  "--project K"),
 }
 
 
