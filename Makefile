@@ -1,4 +1,4 @@
-# The two set-up commands of the README: `make demo` and `make test`.
+# The two set-up commands of the README: `make demo` and `make test` (ruff check, then pytest).
 # Both create .venv on first use and install what they need (PyTorch's CPU wheel where there is
 # no NVIDIA GPU; a GPU user's own CUDA torch is kept, since the project asks only torch>=2.4).
 PY ?= python3
@@ -23,6 +23,7 @@ demo: setup
 	$(BIN)/influence demo
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 bench: setup

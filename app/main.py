@@ -105,5 +105,7 @@ def serve(run_path: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
 
     settings = Settings(run=Path(run_path), host=host, port=port)
     torch.set_num_threads(settings.torch_threads)
+    if run is not None:  # opened by the CLI (to refuse a bad run before serving): the served budget
+        run.cache.resize(settings.cache_mb << 20)
     uvicorn.run(create_app(settings, run=run), host=settings.host, port=settings.port,
                 log_config=logging_config(settings.log_level), log_level=settings.log_level)

@@ -30,11 +30,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import engine  # noqa: E402
-from engine.query.topk import helpful_harmful  # noqa: E402
-from engine.store import resident  # noqa: E402
-from engine.store.resident import ResidentStore  # noqa: E402
-from tests.small_data import write_blobs  # noqa: E402 - numpy only
+import engine
+from engine.query.topk import helpful_harmful
+from engine.store import resident
+from engine.store.resident import ResidentStore
+from tests.small_data import write_blobs
 
 OUT = ROOT / "bench" / "results" / "cuda_check.json"
 TOP = 10
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in a.only or CHECKS:
             try:
                 res = run_check(name, device, Path(tmp))
-            except Exception as exc:  # a crash is a failed check, reported with the others
+            except Exception as exc:  # noqa: BLE001 (a crash is a failed check, reported with the others)
                 res = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
             results["checks"][name] = res
             figures = {k: v for k, v in res.items() if k != "ok"}

@@ -117,7 +117,7 @@ def main() -> None:
             proc = subprocess.run([sys.executable, __file__, "--one", model, device,
                                    "--loo-tests", str(args.loo_tests),
                                    "--lissa-tests", str(args.lissa_tests)],
-                                  capture_output=True, text=True, cwd=ROOT,
+                                  capture_output=True, text=True, cwd=ROOT, check=False,
                                   env={**os.environ, "PYTHONPATH": str(ROOT)})
             if proc.returncode != 0:
                 print(proc.stderr, file=sys.stderr)

@@ -33,13 +33,13 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine.grads.projection import Projector  # noqa: E402
-from engine.ihvp.projected import ProjectedSolver  # noqa: E402
-from engine.models.losses import make_loss  # noqa: E402
-from engine.models.objective import Objective  # noqa: E402
-from engine.models.zoo import ChannelsFirst  # noqa: E402
-from engine.query.topk import helpful_harmful  # noqa: E402
-from engine.store.resident import ResidentStore  # noqa: E402
+from engine.grads.projection import Projector
+from engine.ihvp.projected import ProjectedSolver
+from engine.models.losses import make_loss
+from engine.models.objective import Objective
+from engine.models.zoo import ChannelsFirst
+from engine.query.topk import helpful_harmful
+from engine.store.resident import ResidentStore
 
 OUT = ROOT / "bench" / "results" / "gpu_bench.json"
 IMAGE = (32, 32, 3)  # CIFAR-sized, channels last like the engine's data
@@ -126,7 +126,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     gb = store.nbytes / 1e9
     buf = torch.empty_like(store.data)
     t_copy = timed(lambda: buf.copy_(store.data), device, repeats=repeats)
-    del buf
     bandwidth = 2 * store.nbytes / t_copy  # bytes read + written per second
     res.update(store_gb=gb, copy_s=t_copy, copy_gbps=bandwidth / 1e9,
                product_bound_s=store.nbytes / bandwidth)
@@ -165,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             with torch.cuda.graph(graph):
                 query()
             res["query_graph_s"] = timed(graph.replay, device, repeats=repeats, warmup=2)
-        except Exception as exc:  # capture is optional: report why it did not work
+        except Exception as exc:  # noqa: BLE001 (capture is optional: report why it did not work)
             res["query_graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
 
     # ---- batches of queries: solve + one pass + top-k, against the bare product
@@ -219,17 +218,18 @@ def report(r: dict[str, Any]) -> None:
         ("copy bandwidth", f"{r['copy_gbps']:.1f} GB/s (read + write)"),
         ("product bound", f"{r['product_bound_s'] * ms:.3f} ms (store bytes / bandwidth)"),
         ("1 query end to end", f"{r['query_s'] * ms:.3f} ms"),
-        ("1 query, CUDA graph", f"{r['query_graph_s'] * ms:.3f} ms" if r.get("query_graph_s")
-         else r.get("query_graph_error", "n/a (no CUDA)")),
+        ("1 query, CUDA graph", (f"{r['query_graph_s'] * ms:.3f} ms" if r.get("query_graph_s")
+                                 else r.get("query_graph_error", "n/a (no CUDA)"))),
     ]
     if r.get("product_1_s"):
-        rows.append(("product, 1 query", f"{r['product_1_s'] * ms:.3f} ms = "
-                     f"{r['product_1_s'] / r['product_bound_s']:.2f} × bound"))
+        rows.append(("product, 1 query", (f"{r['product_1_s'] * ms:.3f} ms = "
+                                          f"{r['product_1_s'] / r['product_bound_s']:.2f} × bound")))
     for b in r["batches"]:
-        rows.append((f"batch {b['m']}", f"{b['s'] * ms:.2f} ms, {b['queries_per_s']:,.0f} queries/s, "
-                     f"top-k +{100 * b['topk_share']:.1f}% over the product ({b['product_s'] * ms:.2f} ms)"))
-    rows.append(("precompute", f"{r['precompute_images_per_s']:,.0f} images/s "
-                 f"(CNN {r['cnn_params']:,} params, K = {r['precompute_k']}, batch {r['precompute_batch']})"))
+        rows.append((f"batch {b['m']}", (f"{b['s'] * ms:.2f} ms, {b['queries_per_s']:,.0f} queries/s, "
+                                         f"top-k +{100 * b['topk_share']:.1f}% over the product "
+                                         f"({b['product_s'] * ms:.2f} ms)")))
+    rows.append(("precompute", (f"{r['precompute_images_per_s']:,.0f} images/s (CNN {r['cnn_params']:,} "
+                                f"params, K = {r['precompute_k']}, batch {r['precompute_batch']})")))
     if "precompute_uncached_images_per_s" in r:
         rows.append(("precompute, P regenerated", f"{r['precompute_uncached_images_per_s']:,.1f} images/s"))
     rows.append(("projection setup", f"{r['projection_setup_s']:.1f} s (P generated once, cached)"))

@@ -24,6 +24,22 @@ from .errors import (
 )
 from .run import Run, open_run
 
-__all__ = ["build", "open_run", "Run", "BuildConfig", "CGConfig", "LissaConfig", "TrainConfig",
-           "IHVPMethod", "ModelKind", "InfluenceError", "DataError", "ModelError", "RunError",
-           "StaleRunError", "SolverError", "QueryError", "IndexOutOfRange"]
+__all__ = [
+                     "BuildConfig",
+                     "CGConfig",
+                     "DataError",
+                     "IHVPMethod",
+                     "IndexOutOfRange",
+                     "InfluenceError",
+                     "LissaConfig",
+                     "ModelError",
+                     "ModelKind",
+                     "QueryError",
+                     "Run",
+                     "RunError",
+                     "SolverError",
+                     "StaleRunError",
+                     "TrainConfig",
+                     "build",
+                     "open_run",
+]

@@ -46,7 +46,7 @@ from .models import (
     model_kind,
     resolve_device,
 )
-from .plan import check_config, check_method, exact_ahead, plan_build
+from .plan import check_config, check_method, plan_build
 from .run import Run
 from .runinfo import CURVATURE_FILE, RUN_FILE, RUN_SCHEMA, SCRIPT_FILE, THETA_FILE, RunInfo
 from .solvers import lissa_scale, parse_method
@@ -198,10 +198,6 @@ def _build_into(folder: Path, config: BuildConfig, *, requested: str, progress: 
     module = make_module(config, input_shape=ds.input_shape, n_classes=ds.n_classes)
     tracked = select_modules(module, config.params).param_names if config.params else None
     n = ds.n_train
-    if config.dtype == "auto" and not kind.convex and exact_ahead(module, tracked, config, requested, n, kind):
-        # a network small enough for the dense Hessian computes in float64: float32 cannot
-        # resolve its small eigenvalues (a blobs MLP's H was refused as singular at 3.7e-5)
-        dtype = torch.float64
     obj_all = make_objective(module, config, device=dev, dtype=dtype)  # every trainable parameter
     mine = shard_rows(n, comm.rank, comm.world)  # this process's training rows
     x_all = np.asarray(ds.x_train)

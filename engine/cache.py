@@ -14,9 +14,13 @@ key                         value                                   grows with
 ``("knn-features", space)`` kNN index rows (n, f)                   the space (a closed set)
 ``("knn-index", …)``        a :class:`~engine.query.knn.KNNIndex`   space, metric, backend
 ``("knn-pool", size)``      FastIF pool ids and store rows          the ``pool`` request parameter
+``("knn-grad-norm-order",)`` training ids by gradient norm          nothing
+``("self-rank", method)``   ids by |self-influence| (app)          the IHVP method
+``("kmeans", k, seed)``     cluster assignments (app)               ``clusters`` and ``seed``
 ==========================  ======================================  =================================
 
-The budget (:data:`DEFAULT_BUDGET_BYTES`, 256 MiB, settable per run) counts every entry; when an
+The budget (:data:`DEFAULT_BUDGET_BYTES`, 192 MiB, settable per run and by ``INFLUENCE_CACHE_MB``
+when served) counts every entry; when an
 insert would pass it, the least recently used entries are dropped first. An entry larger than the
 whole budget is computed and returned but not kept. Each key has its own lock, so 16 threads asking
 for the same missing key compute it once while other keys are computed concurrently; the cache's
@@ -38,7 +42,7 @@ import torch
 
 __all__ = ["DEFAULT_BUDGET_BYTES", "BoundedCache", "nbytes_of"]
 
-DEFAULT_BUDGET_BYTES = 256 << 20
+DEFAULT_BUDGET_BYTES = 192 << 20  # leaves room, within a served run's 256 MB, for what else a query keeps
 
 T = TypeVar("T")
 
@@ -114,6 +118,15 @@ class BoundedCache:
                 self.evicted += 1
             self._entries[key] = (value, size)
             self.nbytes += size
+
+    def resize(self, budget_bytes: int) -> None:
+        """Set the budget, dropping least recently used entries until they fit."""
+        with self._lock:
+            self.budget_bytes = int(budget_bytes)
+            while self._entries and self.nbytes > self.budget_bytes:
+                _, (_, dropped) = self._entries.popitem(last=False)
+                self.nbytes -= dropped
+                self.evicted += 1
 
     def clear(self) -> None:
         with self._lock:

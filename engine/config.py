@@ -131,7 +131,7 @@ class BuildConfig:
     seed: int = 0
     train_size: int | None = None  # a seeded, stratified subset of the training split (None: all)
     test_size: int | None = None  # the same for the test split
-    dtype: str = "auto"  # float64 for convex models, float32 for networks
+    dtype: str = "auto"  # float64 for convex models, float32 for networks (the contract)
     store_dtype: str = "auto"  # the gradient store's dtype: auto (the compute dtype), float64,
     # float32, float16 or bfloat16 (2 bytes a value; scores accumulate in float32)
     weights: str | None = None  # state_dict for a ``module:factory`` user model

@@ -34,8 +34,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["Comm", "LocalComm", "TorchComm", "shard_rows", "launched_by_torchrun", "init_comm",
-           "reduced_hvp", "reduced_hessian", "main"]
+__all__ = [
+    "Comm",
+    "LocalComm",
+    "TorchComm",
+    "init_comm",
+    "launched_by_torchrun",
+    "main",
+    "reduced_hessian",
+    "reduced_hvp",
+    "shard_rows",
+]
 
 TIMEOUT_ENV = "INFLUENCE_DIST_TIMEOUT_S"  # rank 0 trains while the others wait: a long default
 DEFAULT_TIMEOUT_S = 4 * 3600

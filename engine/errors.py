@@ -7,14 +7,14 @@ one-line message and exit code 2, the web layer into a 4xx JSON error.
 from __future__ import annotations
 
 __all__ = [
-    "InfluenceError",
     "DataError",
-    "ModelError",
-    "RunError",
-    "StaleRunError",
-    "SolverError",
-    "QueryError",
     "IndexOutOfRange",
+    "InfluenceError",
+    "ModelError",
+    "QueryError",
+    "RunError",
+    "SolverError",
+    "StaleRunError",
 ]
 
 

@@ -22,7 +22,7 @@ from .models.objective import Objective
 from .store.gradients import STORE_DTYPES
 
 __all__ = ["EXACT_MAX_PARAMS", "PROJECTIONS", "BuildPlan", "Stage", "auto_method", "available_memory",
-           "check_config", "check_method", "exact_ahead", "plan_build"]
+           "check_config", "check_method", "plan_build"]
 
 PROJECTIONS = ("dense", "kronecker")
 
@@ -33,19 +33,22 @@ PROBE_BATCH = 16
 MEMORY_MARGIN = 0.85  # of the available memory a build may plan to use
 
 
-def auto_method(*, kind: ModelKind, n_params: int, n_train: int, projected: bool, linear: bool
-                ) -> IHVPMethod:
+def auto_method(*, kind: ModelKind, n_params: int, n_train: int, projected: bool, linear: bool,
+                float64: bool = True) -> IHVPMethod:
     """The IHVP method ``--ihvp auto`` picks, in this order:
 
     - a projected store (dense or Kronecker): ``fisher`` (K×K from the store, no extra pass);
-    - a convex model with p ≤ EXACT_MAX_PARAMS, or any model with p ≤ EXACT_MAX_PARAMS whose
-      Hessian is a closed form (``linear``) or costs p·n ≤ EXACT_MAX_WORK: ``exact``;
+    - in float64, a convex model with p ≤ EXACT_MAX_PARAMS, or any model with p ≤ EXACT_MAX_PARAMS
+      whose Hessian is a closed form (``linear``) or costs p·n ≤ EXACT_MAX_WORK: ``exact`` (not
+      in float32, where a network's small Hessian eigenvalues are below working precision: a
+      blobs MLP's H was refused as singular at 3.7e-5);
     - p·n ≤ CG_MAX_WORK: ``cg`` (Hessian-vector products, exact to its tolerance);
     - otherwise ``ekfac`` (per-layer Kronecker factors: two passes over the data).
     """
     if projected:
         return IHVPMethod.FISHER
-    if n_params <= EXACT_MAX_PARAMS and (kind.convex or linear or n_params * n_train <= EXACT_MAX_WORK):
+    if float64 and n_params <= EXACT_MAX_PARAMS and (
+            kind.convex or linear or n_params * n_train <= EXACT_MAX_WORK):
         return IHVPMethod.EXACT
     if n_params * n_train <= CG_MAX_WORK:
         return IHVPMethod.CG
@@ -162,7 +165,8 @@ def plan_build(config: BuildConfig, objective: Objective, x: torch.Tensor, y: to
     k = config.project
     store_dim = k or p
     store_item = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}.get(config.store_dtype, itemsize)
-    ihvp = (auto_method(kind=kind, n_params=p, n_train=n, projected=bool(k), linear=linear)
+    ihvp = (auto_method(kind=kind, n_params=p, n_train=n, projected=bool(k), linear=linear,
+                        float64=objective.dtype == torch.float64)
             if ihvp_requested == AUTO_IHVP else config.ihvp)
     fb = forward_backward_seconds(objective, x, y)
     stages: list[Stage] = []
@@ -231,14 +235,3 @@ def check_method(config: BuildConfig) -> None:
                              "--ihvp fisher (or projected, ekfac) with a projected store")
     if m is IHVPMethod.EKFAC and k is not None and config.projection == "dense":
         raise InfluenceError("--ihvp ekfac needs layers: use --projection kronecker (or no --project)")
-
-
-def exact_ahead(module: torch.nn.Module, tracked: tuple[str, ...] | None, config: BuildConfig,
-                 requested: str, n: int, kind: ModelKind) -> bool:
-    """Whether the run will use the exact Hessian (asked for, or what ``auto`` will pick)."""
-    if requested != AUTO_IHVP:
-        return config.ihvp is IHVPMethod.EXACT
-    p = sum(t.numel() for name, t in module.named_parameters()
-            if t.requires_grad and (tracked is None or name in tracked))
-    return auto_method(kind=kind, n_params=p, n_train=n, projected=bool(config.project),
-                       linear=False) is IHVPMethod.EXACT

@@ -29,7 +29,7 @@ def test_compose_file_is_valid(profile: str | None) -> None:
 
 def test_dockerfile_copies_existing_paths_and_checks_health() -> None:
     text = (ROOT / "Dockerfile").read_text()
-    for src in re.findall(r"^COPY\s+(.+?)\s+\S+$", text, flags=re.M):
+    for src in re.findall(r"^COPY\s+(.+?)\s+\S+$", text, flags=re.MULTILINE):
         for path in src.split():
             assert (ROOT / path).exists(), path
     assert "HEALTHCHECK" in text and "/api/v1/health" in text

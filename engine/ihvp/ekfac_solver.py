@@ -23,7 +23,7 @@ from .ekfac import EKFACFactors
 
 __all__ = ["EKFACSolver", "heuristic_damping"]
 
-METHOD: Any = getattr(IHVPMethod, "EKFAC", "ekfac")  # until IHVPMethod names it
+METHOD = IHVPMethod.EKFAC
 RESIDUAL_PROBE = 4  # seeded random right-hand sides whose ‖H(H⁻¹b) − b‖/‖b‖ is reported
 SOLVE_BLOCK_ELEMENTS = 1 << 25  # columns × d_out × d_in rotated at once (256 MiB of float64)
 HEURISTIC_DAMPING_SCALE = 0.1  # kronfluence's constant

@@ -22,7 +22,7 @@ from .lissa import largest_eigenvalue
 __all__ = ["FisherSolver", "fisher_gram", "store_blocks"]
 
 # until IHVPMethod names it (then this is IHVPMethod.FISHER)
-METHOD: Any = getattr(IHVPMethod, "FISHER", "fisher")
+METHOD = IHVPMethod.FISHER
 EXACT_SPECTRUM_DIM = 4096  # up to this K the spectrum is exact (eigvalsh, ~4 s at 4096 on 2 cores)
 POWER_ITERS = 50  # above it: power-iteration estimates of the extreme eigenvalues
 GRAM_BLOCK_ELEMENTS = 1 << 22  # rows × K per float64 block (32 MiB)

@@ -30,8 +30,15 @@ from torch.func import jacrev, vmap
 from ..models.objective import Objective
 from .hvp import dense_hessian, full_hvp
 
-__all__ = ["linear_layer", "linear_hessian", "data_hessian", "full_hessian", "with_shift",
-           "OUTER_BUDGET", "GATHER_ELEMENTS"]
+__all__ = [
+    "GATHER_ELEMENTS",
+    "OUTER_BUDGET",
+    "data_hessian",
+    "full_hessian",
+    "linear_hessian",
+    "linear_layer",
+    "with_shift",
+]
 
 OUTER_BUDGET = 1 << 24  # elements of per-sample outer products held at once (128 MiB in float64)
 GATHER_ELEMENTS = 1 << 22  # Hessian entries placed per gather (and the largest cached map)

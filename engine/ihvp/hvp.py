@@ -12,7 +12,7 @@ import torch
 
 from ..models.objective import Objective
 
-__all__ = ["HVP", "BatchHVP", "work_blocks", "full_hvp", "batch_hvp", "dense_hessian"]
+__all__ = ["HVP", "BatchHVP", "batch_hvp", "dense_hessian", "full_hvp", "work_blocks"]
 
 HVP = Callable[[torch.Tensor], torch.Tensor]  # (p, m) -> (p, m)
 BatchHVP = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (V (p, m), idx (b,)) -> (p, m)

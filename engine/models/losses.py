@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LossFn", "cross_entropy", "smooth_hinge", "make_loss"]
+__all__ = ["LossFn", "cross_entropy", "make_loss", "smooth_hinge"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

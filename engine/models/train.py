@@ -14,10 +14,9 @@ are evaluated, polished and explained in eval mode.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import time
 
 import torch
 from torch import nn

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import ModelError
 
-__all__ = ["is_factory_spec", "load_torchscript", "load_factory"]
+__all__ = ["is_factory_spec", "load_factory", "load_torchscript"]
 
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-__all__ = ["RunningTopK", "streaming_topk", "helpful_harmful", "merge_topk", "naive_topk"]
+__all__ = ["RunningTopK", "helpful_harmful", "merge_topk", "naive_topk", "streaming_topk"]
 
 
 class RunningTopK:

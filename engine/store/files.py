@@ -11,7 +11,7 @@ import torch
 
 from ..errors import RunError
 
-__all__ = ["atomic_write_bytes", "save_json", "load_json", "save_tensors", "load_tensors"]
+__all__ = ["atomic_write_bytes", "load_json", "load_tensors", "save_json", "save_tensors"]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -15,8 +15,14 @@ import torch
 
 from .gradients import TORCH_DTYPES, as_torch
 
-__all__ = ["ResidentStore", "block_product", "block_product_t", "scaled_product",
-           "scaled_product_t", "LOW_PRECISION"]
+__all__ = [
+    "LOW_PRECISION",
+    "ResidentStore",
+    "block_product",
+    "block_product_t",
+    "scaled_product",
+    "scaled_product_t",
+]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 CPU_BLOCK_ELEMENTS = 1 << 22  # (rows × max(d, m)) per block on the CPU: ~32 MiB in float64

@@ -3,6 +3,7 @@ scores as one process; per-shard top-k merge to the unsharded top-k."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -34,7 +35,8 @@ def torchrun(args: list[str], *, nproc: int = 2, timeout: float = 120) -> subpro
            "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
@@ -71,7 +73,7 @@ def test_shards_cover_the_rows_contiguously() -> None:
     for n, world in [(10, 3), (1797, 2), (5, 5), (7, 1)]:
         parts = [shard_rows(n, r, world) for r in range(world)]
         assert parts[0].start == 0 and parts[-1].stop == n
-        assert all(a.stop == b.start for a, b in zip(parts, parts[1:]))
+        assert all(a.stop == b.start for a, b in itertools.pairwise(parts))
         assert max(p.stop - p.start for p in parts) - min(p.stop - p.start for p in parts) <= 1
 
 

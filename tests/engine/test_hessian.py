@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import engine
-from engine.config import BuildConfig
+from engine.config import BuildConfig, TrainConfig
 from engine.distributed import Comm, LocalComm, reduced_hessian
 from engine.ihvp import ExactSolver, data_hessian, dense_hessian, full_hessian, full_hvp, linear_hessian
 from engine.ihvp import hessian as hessian_module
@@ -21,7 +21,6 @@ from engine.models import make_module, make_objective
 from engine.models import train as train_module
 from engine.models.losses import cross_entropy
 from engine.models.objective import Objective
-from engine.config import TrainConfig
 from engine.models.train import lbfgs, objective_value_and_grad, train_convex
 
 GRAD_TOL = TrainConfig().grad_tol

@@ -211,7 +211,7 @@ def test_a_primed_basis_answers_queries_with_few_hvps_and_no_history(shift: floa
     cheap, equal to a dense solve, and a function of the query alone: the same right-hand side
     gives the same bits whatever was solved before, and two solvers agree."""
     a = _spd(300, 1e4, seed=3) - shift * torch.eye(300, dtype=torch.float64)
-    hvp, calls = _counted(a)
+    hvp, _calls = _counted(a)
     cfg = CGConfig(tol=1e-10)
     primed, plain = BlockCG(hvp, cfg), BlockCG(lambda v: a @ v, CGConfig(tol=1e-10, prime=0))
     gen = torch.Generator().manual_seed(12)
@@ -248,7 +248,7 @@ def test_threads_share_one_primed_solver() -> None:
     """Threads race to the first solve: the basis is built once, and every answer equals the
     serial one bit for bit."""
     a = _spd(120, 1e3, seed=5)
-    hvp, calls = _counted(a)
+    hvp, _calls = _counted(a)
     solver = BlockCG(hvp, CGConfig(tol=1e-10))
     gen = torch.Generator().manual_seed(14)
     rhs = [torch.randn(120, 1, generator=gen, dtype=torch.float64) for _ in range(24)]
@@ -360,7 +360,7 @@ def test_each_thread_gets_the_diagnostics_of_its_own_solve(method: str) -> None:
     import threading
 
     a = _spd(50, 1e2, seed=8)
-    vals, vecs = torch.linalg.eigh(a)
+    _, vecs = torch.linalg.eigh(a)
     if method == "cg":
         solver = BlockCG(lambda v: a @ v, CGConfig(tol=1e-10, prime=0))
         key = "hvps"

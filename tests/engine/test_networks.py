@@ -117,14 +117,15 @@ def test_auto_picks_a_method_for_the_models_size() -> None:
 
 
 def test_networks_default_to_float32_and_convex_models_to_float64(blobs_npz: Path, tmp_path: Path) -> None:
-    """float32 for networks, except one small enough for the exact Hessian (auto picks exact for
-    it), whose small eigenvalues float32 cannot resolve; convex models always in float64."""
-    net = engine.build(str(blobs_npz), "mlp", tmp_path / "m", progress=False, train=SMALL, ihvp="cg")
-    small = engine.build(str(blobs_npz), "mlp", tmp_path / "s", progress=False, train=SMALL)
+    """float32 for networks unless --dtype float64 (the contract); auto then picks cg, not the
+    exact Hessian, whose small eigenvalues float32 cannot resolve; convex models in float64."""
+    net = engine.build(str(blobs_npz), "mlp", tmp_path / "m", progress=False, train=SMALL)
+    f64 = engine.build(str(blobs_npz), "mlp", tmp_path / "s", progress=False, train=SMALL, dtype="float64")
     lin = engine.build(str(blobs_npz), "logreg", tmp_path / "l", progress=False)
     assert net.model.dtype == torch.float32 and lin.model.dtype == torch.float64
-    assert small.info.raw["plan"]["ihvp_requested"] == "auto" and small.config.ihvp is IHVPMethod.EXACT
-    assert small.model.dtype == torch.float64
+    assert net.info.raw["plan"]["ihvp_requested"] == "auto" and net.config.ihvp is IHVPMethod.CG
+    assert f64.model.dtype == torch.float64 and f64.config.ihvp is IHVPMethod.EXACT
+    assert lin.config.ihvp is IHVPMethod.EXACT
     assert net.info.training["iterations"]["epochs"] == SMALL.epochs
 
 
@@ -147,7 +148,7 @@ def test_the_plan_refuses_a_build_the_machine_cannot_hold(blobs_npz: Path, tmp_p
 
     monkeypatch.setattr(engine.plan, "available_memory", lambda: 50_000)
     with pytest.raises(engine.InfluenceError, match="memory"):
-        engine.build(str(blobs_npz), "mlp", tmp_path / "big", progress=False, train=SMALL)
+        engine.build(str(blobs_npz), "mlp", tmp_path / "big", progress=False, train=SMALL, ihvp="exact")
     assert not (tmp_path / "big").exists() and not (tmp_path / ".big.partial").exists()
 
 

@@ -39,9 +39,8 @@ def test_no_more_copies_than_the_size() -> None:
 
     def worker(_: int) -> None:
         for _ in range(50):
-            with pool.hold() as m:
-                with lock:
-                    seen.add(id(m))
+            with pool.hold() as m, lock:
+                seen.add(id(m))
 
     assert run_in_threads(worker, 6) == []
     assert 1 <= len(seen) <= 2

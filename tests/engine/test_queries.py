@@ -128,7 +128,7 @@ def test_concurrent_queries_agree_with_serial_ones(tmp_path: Path, ihvp: str, ro
     y = (x[:, :3].mean(axis=(1, 2)) > x[:, 3:].mean(axis=(1, 2))).astype(np.int64)
     np.savez(tmp_path / "d.npz", X_train=x[:40], y_train=y[:40], X_test=x[40:], y_test=y[40:])
     run = engine.build(str(tmp_path / "d.npz"), "cnn", tmp_path / "cnn", device="cpu", ihvp=ihvp,
-                       progress=False, train=engine.TrainConfig(epochs=2))
+                       progress=False, train=engine.TrainConfig(epochs=2), dtype="float64")
     serial = {i: run.explain(i, top=5) for i in range(points)}
     results: dict[tuple[int, int], dict] = {}
 

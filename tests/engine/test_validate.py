@@ -54,7 +54,7 @@ def test_hinge_svm_is_the_optimum_of_the_contract_objective() -> None:
 
 
 def test_mlp_warm_started_leave_one_out(blobs_npz: Path, tmp_path: Path) -> None:
-    run = engine.build(str(blobs_npz), "mlp", tmp_path / "mlp", progress=False,
+    run = engine.build(str(blobs_npz), "mlp", tmp_path / "mlp", progress=False, dtype="float64",
                        train=engine.TrainConfig(epochs=40, hidden=(8,)))
     assert run.info.training["grad_norm"] < 1e-4
     result = leave_one_out(run, test_index=[0, 1, 2], top=5, lbfgs_steps=400)
