@@ -29,13 +29,14 @@ from .ihvp import (
     full_hvp,
     largest_eigenvalue,
 )
+from .ihvp.base import Solution
 from .ihvp.ekfac import factors_from_tensors
 from .ihvp.ekfac_solver import EKFACSolver
 from .ihvp.fisher import FisherSolver
 from .parts import DataTensors, GradientStore, LoadedModel
 from .runinfo import RunInfo
 
-__all__ = ["SolverBank", "lissa_scale", "parse_method"]
+__all__ = ["InputDtype", "SolverBank", "lissa_scale", "parse_method"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,11 +134,12 @@ class SolverBank:
             return ProjectedSolver(self._curvature["projected"].to(self.model.device, self.model.dtype))
         extra = cfg.damping if damping is None else damping
         if m is IHVPMethod.FISHER:
-            return FisherSolver(self.store.resident, weight_decay=cfg.weight_decay, damping=extra,
-                                device=self.model.device)
+            return InputDtype(FisherSolver(self.store.resident, weight_decay=cfg.weight_decay,
+                                           damping=extra, device=self.model.device))
         if m is IHVPMethod.EKFAC:
-            return EKFACSolver(factors_from_tensors(self._curvature), weight_decay=cfg.weight_decay,
-                               damping=extra, device=self.model.device)
+            return InputDtype(EKFACSolver(factors_from_tensors(self._curvature),
+                                          weight_decay=cfg.weight_decay, damping=extra,
+                                          device=self.model.device))
         if m is IHVPMethod.EXACT:
             h = self._curvature.get("hessian")  # built with the run's own λ + δ
             if h is None:
@@ -155,6 +157,29 @@ class SolverBank:
         return Lissa(batch_hvp(obj, theta, x, y, shift=shift), n_train=len(y), config=lissa, scale=scale,
                      # λ+δ bounds H's spectrum from below only when the data loss is convex
                      min_eigenvalue_bound=shift if self.info.model.convex else 0.0)
+
+
+class InputDtype:
+    """A solver that computes in float64 (Fisher, EK-FAC) answering in its input's dtype, so that
+    its answer multiplies a float32 run's gradients like every other solver's."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.method: IHVPMethod = inner.method
+
+    @property
+    def diagnostics(self) -> dict[str, Any]:
+        return self.inner.diagnostics
+
+    def settings(self) -> dict[str, Any]:
+        return self.inner.settings()
+
+    def solve(self, b: torch.Tensor) -> torch.Tensor:
+        return self.inner.solve(b).to(b.dtype)
+
+    def solve_report(self, b: torch.Tensor) -> Solution:
+        sol = self.inner.solve_report(b)
+        return Solution(sol.x.to(b.dtype), sol.diagnostics)
 
 
 def lissa_scale(hvp: Any, *, n_params: int, config: BuildConfig, dtype: torch.dtype,

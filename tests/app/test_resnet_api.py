@@ -23,10 +23,6 @@ N_TRAIN, N_TEST, N_CLASSES = 300, 60, 10
 METHODS = ["fisher", "ekfac"]
 FULL_ONLY = ["exact", "cg", "lissa"]  # solvers that need full gradients (a Hessian-vector product)
 TOP = 5
-# engine/query/scoring.py Scorer.train_influence and engine/group.py group_influence multiply the
-# float32 test gradients by the float64 answer of the Fisher/EK-FAC solvers
-DTYPE_BUG = pytest.mark.xfail(raises=RuntimeError, strict=True,
-                              reason="float32 gradients @ float64 Fisher/EK-FAC solve (engine bug)")
 
 
 def build_resnet_run(out: Path) -> Path:
@@ -137,7 +133,6 @@ def test_train_point(client: TestClient, run: engine.Run) -> None:
     assert 1 <= body["rank"] <= N_TRAIN
 
 
-@DTYPE_BUG
 @pytest.mark.parametrize("method", METHODS)
 def test_train_point_influence_is_a_column_of_the_scores(client: TestClient, method: str) -> None:
     """The test points train point 0 helps/harms most: row 0 of every test point's scores."""
@@ -164,7 +159,6 @@ def test_self_influence_ranking(client: TestClient, run: engine.Run, method: str
     assert [it["rank"] for it in body["items"]] == list(range(1, 11))
 
 
-@DTYPE_BUG
 def test_group_influence_first_order_sums_the_scores(client: TestClient, run: engine.Run) -> None:
     group, tests = [0, 5, 9, 17], [0, 1, 2]
     r = client.post("/api/v1/group-influence", json={"train_ids": group, "test_ids": tests, "order": 1,

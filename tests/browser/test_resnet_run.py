@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from ..app.test_resnet_api import DTYPE_BUG, N_TRAIN, K, build_resnet_run
+from ..app.test_resnet_api import N_TRAIN, K, build_resnet_run
 from .conftest import Tab, open_tab, serving
 from .test_pages_browser import TOP, digit_png
 
@@ -34,7 +34,7 @@ def rtab(browser: Any, resnet_url: str, screenshot_dirs: list[Path]) -> Iterator
 
 
 def goto_served(tab: Tab, path: str) -> None:
-    """Open ``path``; a 5xx (the engine's float32 @ float64 product, see DTYPE_BUG) raises."""
+    """Open ``path``; a 5xx raises."""
     response = tab.goto(path)
     if response.status >= 500:
         raise RuntimeError(f"{path} answered {response.status}")
@@ -82,7 +82,6 @@ def test_a_method_that_needs_full_gradients_is_explained(rtab: Tab) -> None:
     rtab.assert_clean()
 
 
-@DTYPE_BUG
 def test_train_point(rtab: Tab) -> None:
     goto_served(rtab, "/train-points/0")
     rtab.wait_for_plots("probabilities")
@@ -100,7 +99,6 @@ def test_mislabel_review(rtab: Tab) -> None:
     rtab.assert_clean()
 
 
-@DTYPE_BUG
 def test_class_group_first_order(rtab: Tab) -> None:
     goto_served(rtab, "/groups?by=class&label=1")
     assert rtab.loaded_images(".group-thumbs img") > 0

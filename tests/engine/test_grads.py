@@ -83,7 +83,7 @@ def test_torchscript_user_model_gives_the_builtin_scores(blobs_npz: Path, blobs_
     model.load_state_dict(blobs_run.model.objective.model.state_dict())
     path = tmp_path / "model.pt"
     torch.jit.script(model).save(str(path))
-    user = engine.build(str(blobs_npz), str(path), tmp_path / "user", progress=False)
+    user = engine.build(str(blobs_npz), str(path), tmp_path / "user", progress=False, dtype="float64")
     assert user.info.model.kind.value == "user"
     assert user.info.training["trained"] is False
     assert user.info.training["grad_norm"] < 1e-8
