@@ -226,11 +226,10 @@ def _build_into(folder: Path, config: BuildConfig, *, requested: str, progress: 
             theta_all, train_info = train_theta(config, kind, obj_all, ds, x_full, y_full, dev=dev,
                                                 dtype=dtype, progress=progress)
             obj_all.load_flat(theta_all)
-            with torch.no_grad():
-                train_info["train_accuracy"] = accuracy(obj_all.logits(theta_all, x_full), y_full)
-                x_test = torch.from_numpy(np.array(ds.x_test)).to(dev, dtype)
-                y_test = torch.from_numpy(np.array(ds.y_test)).to(dev)
-                train_info["test_accuracy"] = accuracy(obj_all.logits(theta_all, x_test), y_test)
+            train_info["train_accuracy"] = accuracy(obj_all, theta_all, x_full, y_full)
+            x_test = torch.from_numpy(np.array(ds.x_test)).to(dev, dtype)
+            y_test = torch.from_numpy(np.array(ds.y_test)).to(dev)
+            train_info["test_accuracy"] = accuracy(obj_all, theta_all, x_test, y_test)
             train_info["convex"] = kind.convex
             obj = make_objective(module, config, device=dev, dtype=dtype, tracked=tracked)
             save_tensors(folder / THETA_FILE, {"theta": obj.flat_params(), "all": theta_all,

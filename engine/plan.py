@@ -42,7 +42,9 @@ def auto_method(*, kind: ModelKind, n_params: int, n_train: int, projected: bool
       whose Hessian is a closed form (``linear``) or costs p·n ≤ EXACT_MAX_WORK: ``exact`` (not
       in float32, where a network's small Hessian eigenvalues are below working precision: a
       blobs MLP's H was refused as singular at 3.7e-5);
-    - p·n ≤ CG_MAX_WORK: ``cg`` (Hessian-vector products, exact to its tolerance);
+    - a convex model with p·n ≤ CG_MAX_WORK: ``cg`` (Hessian-vector products, exact to its
+      tolerance; at a network's θ̂ H is indefinite and CG did not converge: a 5,000-image cnn's
+      first query ran past 5 minutes);
     - otherwise ``ekfac`` (per-layer Kronecker factors: two passes over the data).
     """
     if projected:
@@ -50,7 +52,7 @@ def auto_method(*, kind: ModelKind, n_params: int, n_train: int, projected: bool
     if float64 and n_params <= EXACT_MAX_PARAMS and (
             kind.convex or linear or n_params * n_train <= EXACT_MAX_WORK):
         return IHVPMethod.EXACT
-    if n_params * n_train <= CG_MAX_WORK:
+    if kind.convex and n_params * n_train <= CG_MAX_WORK:
         return IHVPMethod.CG
     return IHVPMethod.EKFAC
 

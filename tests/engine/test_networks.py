@@ -109,7 +109,9 @@ def test_auto_picks_a_method_for_the_models_size() -> None:
     assert auto_method(kind=ModelKind.MLP, n_params=2410, n_train=1297, projected=False,
                        linear=False) is IHVPMethod.EXACT
     assert auto_method(kind=ModelKind.CNN, n_params=11642, n_train=5000, projected=False,
-                       linear=False) is IHVPMethod.CG
+                       linear=False) is IHVPMethod.EKFAC  # CG at an indefinite θ̂ did not converge
+    assert auto_method(kind=ModelKind.LOGREG, n_params=20_000, n_train=5000, projected=False,
+                       linear=True) is IHVPMethod.CG
     assert auto_method(kind=ModelKind.RESNET, n_params=700_000, n_train=5000, projected=False,
                        linear=False) is IHVPMethod.EKFAC
     assert auto_method(kind=ModelKind.USER, n_params=11_000_000, n_train=5000, projected=True,
@@ -123,7 +125,7 @@ def test_networks_default_to_float32_and_convex_models_to_float64(blobs_npz: Pat
     f64 = engine.build(str(blobs_npz), "mlp", tmp_path / "s", progress=False, train=SMALL, dtype="float64")
     lin = engine.build(str(blobs_npz), "logreg", tmp_path / "l", progress=False)
     assert net.model.dtype == torch.float32 and lin.model.dtype == torch.float64
-    assert net.info.raw["plan"]["ihvp_requested"] == "auto" and net.config.ihvp is IHVPMethod.CG
+    assert net.info.raw["plan"]["ihvp_requested"] == "auto" and net.config.ihvp is IHVPMethod.EKFAC
     assert f64.model.dtype == torch.float64 and f64.config.ihvp is IHVPMethod.EXACT
     assert lin.config.ihvp is IHVPMethod.EXACT
     assert net.info.training["iterations"]["epochs"] == SMALL.epochs
