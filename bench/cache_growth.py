@@ -31,7 +31,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load_bench import ROOT, ensure_run, free_port, machine, start_server, stop_server, wait_healthy
+from load_lib import ROOT, ensure_run, free_port, machine, start_server, stop_server, wait_healthy
 
 BUDGET_MB = 256  # the documented growth of a served run under request-dependent load (docs/internals.md)
 

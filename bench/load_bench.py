@@ -38,8 +38,6 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-# ROOT, PNG_MAGIC, Connection, ensure_run, free_port, machine, start_server, stop_server and
-# wait_healthy stay importable from here: mixed_load.py and cache_growth.py import them from load_bench
 from load_lib import (
     PNG_MAGIC,
     ROOT,

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load_bench import (
+from load_lib import (
     PNG_MAGIC,
     ROOT,
     Connection,

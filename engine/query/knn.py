@@ -178,6 +178,7 @@ class KNNIndex:
         if data.ndim != 2 or len(data) == 0:
             raise QueryError(f"a kNN index needs a non-empty (n, f) array, got shape {data.shape}")
         self.n, self.dim = data.shape
+        self.nbytes = int(data.nbytes)  # one float32 copy of the rows (FAISS or torch): counted by the cache
         if self.metric is Metric.COSINE:
             data = _normalise(data)
         if backend == "faiss":
