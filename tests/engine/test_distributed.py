@@ -37,7 +37,8 @@ def torchrun(args: list[str], *, nproc: int = 2, timeout: float = 120) -> subpro
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
                           check=False)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if "influence: error" in line]
+    assert done.returncode == 0, "\n".join(errors) + "\n" + done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
 
