@@ -25,7 +25,7 @@ from .models.svm import train_hinge_svm
 from .models.train import lbfgs, objective_value_and_grad, train_convex
 from .run import Run
 
-__all__ = ["group_removal", "leave_one_out", "pearson", "retrain_convex", "spearman"]
+__all__ = ["group_removal", "leave_one_out", "newton_solver", "pearson", "retrain_convex", "retrain_without", "spearman"]
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
@@ -65,7 +65,7 @@ def _is_convex(run: Run) -> bool:
     return run.info.model.convex
 
 
-def _newton(run: Run) -> Any:
+def newton_solver(run: Run) -> Any:
     """The run's exact solver, used for chord iterations, where the model is convex and small."""
     ok = (_is_convex(run) and not run.store.projected
           and run.model.n_params <= run.config.train.newton_max_params)
@@ -79,7 +79,7 @@ def _ground_truth(run: Run, what: str) -> str:
             else f"warm-started {what} retraining (full-batch L-BFGS)")
 
 
-def _retrain_without(run: Run, keep: torch.Tensor, *, newton: Any, lbfgs_steps: int) -> torch.Tensor:
+def retrain_without(run: Run, keep: torch.Tensor, *, newton: Any, lbfgs_steps: int) -> torch.Tensor:
     """θ retrained on the training points where ``keep`` is true, on the mean objective
     ``(1/|kept|) Σ L + (λ/2)‖θ‖²``, warm-started from θ̂. Leaves ``run.model.objective`` loaded with θ̂."""
     obj, theta = run.model.objective, run.model.theta
@@ -111,7 +111,7 @@ def group_removal(run: Run, train_ids: Sequence[int], test_index: Sequence[int],
     base = _test_losses(run.model.objective, run.model.theta, xt, yt)
     keep = torch.ones(run.n_train, dtype=torch.bool)
     keep[torch.as_tensor(group)] = False
-    new = _retrain_without(run, keep, newton=_newton(run), lbfgs_steps=lbfgs_steps)
+    new = retrain_without(run, keep, newton=newton_solver(run), lbfgs_steps=lbfgs_steps)
     return {"actual": _test_losses(run.model.objective, new, xt, yt) - base,
             "ground_truth": _ground_truth(run, "group-removal"),
             "seconds": time.perf_counter() - t0}
@@ -140,12 +140,12 @@ def leave_one_out(run: Run, *, test_index: Sequence[int], train_index: Sequence[
     xt, yt = run.data.x_test[torch.as_tensor(tests)], run.data.y_test[torch.as_tensor(tests)]
     base = _test_losses(obj, theta, xt, yt)
     keep = torch.ones(n, dtype=torch.bool)
-    newton = _newton(run)
+    newton = newton_solver(run)
     actual = np.empty((len(removals), len(tests)))
     for r, i in enumerate(tqdm(removals, desc="retrain", disable=not progress, file=sys.stderr)):
         keep[:] = True
         keep[i] = False
-        new = _retrain_without(run, keep, newton=newton, lbfgs_steps=lbfgs_steps)
+        new = retrain_without(run, keep, newton=newton, lbfgs_steps=lbfgs_steps)
         actual[r] = _test_losses(obj, new, xt, yt) - base
     obj.load_flat(theta)
     predicted = -scores[removals] / n  # (k, m)
