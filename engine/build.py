@@ -103,7 +103,7 @@ def build(data: str, model: str, out: str | Path, *, force: bool = False, progre
 
     ``options`` sets any :class:`~engine.config.BuildConfig` field (``weight_decay``,
     ``damping``, ``ihvp``, ``project``, ``projection``, ``params``, ``device``, ``seed``,
-    ``train_size``, ``test_size``, ``dtype``, ``store_dtype``, ``weights``, ``svm_temperature``,
+    ``train_size``, ``test_size``, ``label_noise``, ``dtype``, ``store_dtype``, ``weights``, ``svm_temperature``,
     ``chunk_size``, ``train``, ``cg``, ``lissa``); what is not given takes the config's default,
     except ``ihvp``, which defaults to ``auto`` (:func:`engine.plan.auto_method`: a method that
     finishes in minutes for the model's size). Refuses an existing ``out`` unless ``force``. ``resume`` continues a killed
@@ -192,7 +192,7 @@ def _build_into(folder: Path, config: BuildConfig, *, requested: str, progress: 
     dev = comm.device(resolve_device(config.device))
     dtype = build_dtype(config, dev)
     ds = load_data(config.data, seed=config.seed, train_size=config.train_size,
-                   test_size=config.test_size)
+                   test_size=config.test_size, label_noise=config.label_noise)
     data_fp = fingerprint(ds)
     timings.setdefault("load_data_s", time.perf_counter() - t0)
     module = make_module(config, input_shape=ds.input_shape, n_classes=ds.n_classes)
@@ -330,7 +330,8 @@ def _build_into(folder: Path, config: BuildConfig, *, requested: str, progress: 
         "config": config.to_dict(),
         "data": {"source": config.data, "fingerprint": data_fp, "n_train": ds.n_train,
                  "n_test": ds.n_test, "input_shape": list(ds.input_shape),
-                 "n_classes": ds.n_classes, "class_names": list(ds.class_names)},
+                 "n_classes": ds.n_classes, "class_names": list(ds.class_names),
+                 "label_noise": config.label_noise, "n_flipped": int(ds.flipped.size)},
         "model": {"kind": kind.value, "spec": config.model, "n_params": obj.n_params,
                   "n_params_all": obj_all.n_params,
                   "dtype": str(dtype).replace("torch.", ""), "fingerprint": model_fp,

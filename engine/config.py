@@ -131,6 +131,8 @@ class BuildConfig:
     seed: int = 0
     train_size: int | None = None  # a seeded, stratified subset of the training split (None: all)
     test_size: int | None = None  # the same for the test split
+    label_noise: float = 0.0  # flip this seeded fraction of training labels, recorded (mislabel checks)
+    ensemble: int = 1  # independently seeded models, one store each; their scores averaged
     dtype: str = "auto"  # float64 for convex models, float32 for networks (the contract)
     store_dtype: str = "auto"  # the gradient store's dtype: auto (the compute dtype), float64,
     # float32, float16 or bfloat16 (2 bytes a value; scores accumulate in float32)

@@ -114,9 +114,9 @@ def load_parts(path: Path, info: RunInfo, *, device: str | None, dataset: Datase
     config = info.config
     dev = resolve_device(device or config.device)
     dtype = resolve_dtype(info.model.dtype, dev)
-    ds = dataset if dataset is not None else load_data(config.data, seed=config.seed,
-                                                       train_size=config.train_size,
-                                                       test_size=config.test_size)
+    ds = dataset if dataset is not None else load_data(
+        config.data, seed=config.seed, train_size=config.train_size, test_size=config.test_size,
+        label_noise=config.label_noise)
     if fingerprint(ds) != info.data.fingerprint:
         raise StaleRunError(f"{path}: the data {config.data!r} changed since the run was built "
                             "(fingerprint mismatch); rebuild it with `influence build`")

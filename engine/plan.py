@@ -221,6 +221,8 @@ def check_config(config: BuildConfig, requested: str) -> None:
         raise InfluenceError(f"--svm-temperature must be > 0, got {config.svm_temperature}")
     if config.chunk_size < 1:
         raise InfluenceError(f"chunk size must be >= 1, got {config.chunk_size}")
+    if not 0 <= config.label_noise < 1:
+        raise InfluenceError(f"--label-noise must be a fraction in [0, 1), got {config.label_noise}")
     if config.store_dtype != "auto" and config.store_dtype not in STORE_DTYPES:
         raise InfluenceError(f"--store-dtype must be auto or one of {', '.join(STORE_DTYPES)}, "
                              f"got {config.store_dtype!r}")

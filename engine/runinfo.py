@@ -36,6 +36,8 @@ class DataInfo:
     input_shape: tuple[int, ...]
     n_classes: int
     class_names: tuple[str, ...]
+    label_noise: float = 0.0  # the fraction of training labels flipped on purpose (--label-noise)
+    n_flipped: int = 0
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,9 @@ class RunInfo:
                               n_train=int(data["n_train"]), n_test=int(data["n_test"]),
                               input_shape=tuple(int(s) for s in data["input_shape"]),
                               n_classes=int(data["n_classes"]),
-                              class_names=tuple(str(c) for c in data.get("class_names", ()))),
+                              class_names=tuple(str(c) for c in data.get("class_names", ())),
+                              label_noise=float(data.get("label_noise", 0.0)),
+                              n_flipped=int(data.get("n_flipped", 0))),
                 model=ModelInfo(kind=ModelKind(model["kind"]), spec=str(model["spec"]),
                                 n_params=int(model["n_params"]), dtype=str(model["dtype"]),
                                 fingerprint=str(model["fingerprint"]),

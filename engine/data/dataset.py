@@ -58,6 +58,9 @@ class Dataset:
             (``--train-size``), int64 of shape ``(n_train,)``, increasing: row ``i`` is row
             ``train_index[i]`` of the whole split. Part of the fingerprint when set.
         test_index: the same for the test split (``--test-size``).
+        clean_y_train: None unless labels were flipped on purpose (``--label-noise``,
+            :func:`engine.data.noise.flip_labels`): then the labels as loaded, int64 of shape
+            ``(n_train,)``, and ``y_train`` holds the flipped ones (:attr:`flipped` says which).
 
     Build one through :func:`validate` (the loaders do), which checks every field and returns a
     copy whose arrays are read-only and C-contiguous. Equality is identity (arrays have no
@@ -72,6 +75,14 @@ class Dataset:
     source: str
     train_index: np.ndarray | None = None
     test_index: np.ndarray | None = None
+    clean_y_train: np.ndarray | None = None
+
+    @property
+    def flipped(self) -> np.ndarray:
+        """Ids of the training points whose label was flipped (int64, increasing; empty if none)."""
+        if self.clean_y_train is None:
+            return np.zeros(0, dtype=np.int64)
+        return np.flatnonzero(self.clean_y_train != self.y_train).astype(np.int64)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -170,6 +181,8 @@ def validate(ds: Dataset) -> Dataset:
         source=str(ds.source),
         train_index=indexes["train"],
         test_index=indexes["test"],
+        clean_y_train=None if ds.clean_y_train is None
+        else _frozen(_as_labels("clean_y_train", np.asarray(ds.clean_y_train)), np.int64),
     )
 
 

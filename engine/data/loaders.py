@@ -27,6 +27,7 @@ from engine.data.dataset import (
     validate,
 )
 from engine.data.idx import FASHION_MNIST, IDX_PREFIX, read_fashion_mnist, read_idx_folder
+from engine.data.noise import flip_labels
 from engine.data.subset import take_subsets
 from engine.errors import DataError
 
@@ -61,6 +62,7 @@ def load_data(
     seed: int = 0,
     train_size: int | None = None,
     test_size: int | None = None,
+    label_noise: float = 0.0,
 ) -> Dataset:
     """Load and validate the data set named by ``spec``, optionally a stratified subset of it.
 
@@ -70,6 +72,8 @@ def load_data(
         seed: the digits train/test split and the subsets' draw.
         train_size: keep a seeded, stratified subset of this many training points (None: all).
         test_size: the same for the test split.
+        label_noise: flip this seeded fraction of the (subset's) training labels to another
+            class, keeping the loaded ones in ``clean_y_train`` (:func:`engine.data.noise.flip_labels`).
 
     Returns:
         A validated :class:`Dataset`: float64 ``X`` of shape ``(n, *input_shape)``, int64 ``y``
@@ -86,7 +90,8 @@ def load_data(
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise DataError(f"seed must be a non-negative integer, got {seed!r}")
     raw = _read(text, seed=int(seed))
-    return _finish(raw, seed=int(seed), train_size=train_size, test_size=test_size)
+    ds = _finish(raw, seed=int(seed), train_size=train_size, test_size=test_size)
+    return flip_labels(ds, float(label_noise), seed=int(seed))
 
 
 def _read(text: str, *, seed: int) -> Dataset:
