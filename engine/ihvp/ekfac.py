@@ -252,6 +252,24 @@ class LambdaAccumulator:
             self.sums[name] += rot.square().sum(dim=0, dtype=torch.float64)  # (d_out, d_in)
         self.samples[name] += b
 
+    def update_gradients(self, name: str, g: torch.Tensor) -> None:
+        """Add per-sample gradients G_i (b, d_out, d_in) of layer ``name`` directly (the store's
+        rows of the layer's block, :func:`fit_ekfac` with ``rows``): ``Q_Sᵀ G_i Q_A``, squared."""
+        q_a, q_s = self.bases[name]
+        d_in, d_out = q_a.shape[0], q_s.shape[0]
+        if g.dim() != 3 or tuple(g.shape[1:]) != (d_out, d_in):
+            raise ValueError(f"gradients of {name!r} must be (b, {d_out}, {d_in}), got {tuple(g.shape)}")
+        device = self.device or g.device
+        q_a, q_s = self._basis(name, device)
+        if name not in self.sums:
+            self.sums[name] = torch.zeros(d_out, d_in, dtype=torch.float64, device=device)
+            self.samples[name] = 0
+        step = max(1, self.chunk_elements // (d_out * d_in))
+        for start in range(0, g.shape[0], step):
+            rot = q_s.T @ g[start : start + step].to(device=device, dtype=self.dtype) @ q_a  # (c, d_out, d_in)
+            self.sums[name] += rot.square().sum(dim=0, dtype=torch.float64)  # (d_out, d_in)
+        self.samples[name] += g.shape[0]
+
     def lambda_matrix(self, name: str) -> torch.Tensor:
         """Λ (d_out, d_in) of layer ``name``, float64."""
         if not self.samples.get(name):
@@ -279,11 +297,15 @@ class DiagonalAccumulator:
 
 def fit_ekfac(batches: Callable[[], Iterable[Batch]], layout: Sequence[LayerBlock], *,
               dim: int | None = None, rest_diagonal: torch.Tensor | None = None,
+              rows: Callable[[], Iterable[torch.Tensor]] | None = None,
               dtype: torch.dtype = torch.float64, device: torch.device | None = None) -> EKFACFactors:
-    """EK-FAC factors from two passes over ``batches()`` (each an iterable of
-    ``(layer name, a (b, s, d_in), δ (b, s, d_out))``; called twice, it must yield the same data):
-    covariances and their eigenbases, then Λ. ``dim``: the store's dimension (default: the
-    layout's end); coordinates outside every block need ``rest_diagonal`` (r,) from a
+    """EK-FAC factors: covariances and their eigenbases from one pass over ``batches()`` (an
+    iterable of ``(layer name, a (b, s, d_in), δ (b, s, d_out))``), then Λ. Λ comes from
+    ``rows()`` when given, an iterable of the store's rows (b, dim) of every sample, each block
+    read as G_i (b, d_out, d_in) (no second pass through the model: the store already holds
+    ``Σ_s δ aᵀ``, projected or not); otherwise from a second pass over ``batches()`` (which must
+    then yield the same data). ``dim``: the store's dimension (default: the layout's end);
+    coordinates outside every block need ``rest_diagonal`` (r,) from a
     :class:`DiagonalAccumulator` over the store's rows, in :func:`rest_index` order."""
     layout = tuple(layout)
     dim = max((int(blk.index().max()) + 1 for blk in layout), default=0) if dim is None else dim
@@ -300,8 +322,15 @@ def fit_ekfac(batches: Callable[[], Iterable[Batch]], layout: Sequence[LayerBloc
         (sig_a, q_a), (sig_s, q_s) = eigenbasis(a_cov), eigenbasis(s_cov)
         bases[blk.name], spectra[blk.name] = (q_a, q_s), (sig_a, sig_s)
     lam = LambdaAccumulator(bases, dtype=dtype, device=device)
-    for name, a, delta in batches():
-        lam.update(name, a, delta)
+    if rows is not None:
+        index = {blk.name: blk.index() for blk in layout}
+        for block in rows():  # (b, dim)
+            for blk in layout:
+                cols = block[:, index[blk.name].to(block.device)]  # (b, d_out·d_in)
+                lam.update_gradients(blk.name, cols.reshape(-1, blk.d_out, blk.d_in))
+    else:
+        for name, a, delta in batches():
+            lam.update(name, a, delta)
     layers = {blk.name: LayerFactors(
         activation_eigenvectors=bases[blk.name][0], gradient_eigenvectors=bases[blk.name][1],
         activation_eigenvalues=spectra[blk.name][0], gradient_eigenvalues=spectra[blk.name][1],

@@ -189,6 +189,27 @@ def test_lambda_is_the_empirical_fisher_diagonal_in_the_kronecker_eigenbasis() -
     torch.testing.assert_close(factors.rest_diagonal, rows[:, factors.rest].square().mean(0))
 
 
+def test_lambda_from_the_store_rows_equals_lambda_from_a_second_capture_pass() -> None:
+    """fit_ekfac(rows=...) reads G_i from the store's blocks instead of a second model pass."""
+    layers, layout = _two_layers()
+    rows = _store_rows(layers, layout, 41, seed=15)
+    two_pass = _fit(layers, layout, 41, rows, [40])
+    diag = DiagonalAccumulator(rest_index(layout, 41))
+    diag.update(rows)
+
+    def from_store(blocks: tuple[torch.Tensor, ...]) -> EKFACFactors:
+        return fit_ekfac(_stream(layers, [40]), layout, dim=41, rest_diagonal=diag.diagonal(),
+                         rows=lambda: iter(blocks))
+
+    from_rows = from_store((rows[:13], rows[13:]))
+    for blk in layout:
+        torch.testing.assert_close(from_rows.layers[blk.name].lambda_matrix,
+                                   two_pass.layers[blk.name].lambda_matrix, rtol=1e-10, atol=1e-12)
+        assert from_rows.layers[blk.name].num_samples == 40
+    with pytest.raises(IndexError):
+        from_store((rows[:, :30],))  # rows narrower than the layout
+
+
 def test_independent_inputs_and_gradients_make_ekfac_the_exact_kronecker_fisher() -> None:
     """s = 1 and every (a_p, δ_q) pair once: the empirical Fisher is exactly S ⊗ A (row-major), so
     Λ = σ_S σ_Aᵀ and the EK-FAC solve is the dense solve of S ⊗ A + shift·I."""
