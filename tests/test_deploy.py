@@ -34,3 +34,21 @@ def test_dockerfile_copies_existing_paths_and_checks_health() -> None:
             assert (ROOT / path).exists(), path
     assert "HEALTHCHECK" in text and "/api/v1/health" in text
     assert "torch==2.13.0" in text  # the CPU wheel, not a CUDA build pulled by torch>=2.4
+
+
+def test_every_compose_variable_is_a_setting_the_app_reads_with_its_default() -> None:
+    """docker-compose passes INFLUENCE_* variables: each names a Settings field, and its
+    fallback is the field's own default (a stale name or default would be silently ignored)."""
+    from app.settings import ENV_PREFIX, Settings
+
+    text = (ROOT / "docker-compose.yml").read_text()
+    found = re.findall(r"^\s+(INFLUENCE_\w+): \$\{\1:-([^}]*)\}", text, flags=re.MULTILINE)
+    fields = Settings.model_fields
+    assert len(found) >= 10
+    for var, fallback in found:
+        name = var.removeprefix(ENV_PREFIX).lower()
+        assert name in fields, var
+        default = fields[name].get_default(call_default_factory=True)
+        if name in {"log_level", "job_workers", "max_pending_jobs", "cache_mb", "torch_threads",
+                    "upload_limit"}:
+            assert str(default) == fallback, (var, default, fallback)
