@@ -25,7 +25,16 @@ from .models.svm import train_hinge_svm
 from .models.train import lbfgs, objective_value_and_grad, train_convex
 from .run import Run
 
-__all__ = ["group_removal", "leave_one_out", "newton_solver", "pearson", "retrain_convex", "retrain_without", "spearman"]
+__all__ = [
+    "group_removal",
+    "lds",
+    "leave_one_out",
+    "newton_solver",
+    "pearson",
+    "retrain_convex",
+    "retrain_without",
+    "spearman",
+]
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
@@ -66,7 +75,8 @@ def _is_convex(run: Run) -> bool:
 
 
 def newton_solver(run: Run) -> Any:
-    """The run's exact solver, used for chord iterations, where the model is convex and small."""
+    """The run's exact solver, used for chord iterations, where the model is convex and small
+    (else None: :func:`retrain_convex` trains with L-BFGS and, for small p, Newton)."""
     ok = (_is_convex(run) and not run.store.projected
           and run.model.n_params <= run.config.train.newton_max_params)
     return run.solver("exact") if ok else None
@@ -167,3 +177,11 @@ def leave_one_out(run: Run, *, test_index: Sequence[int], train_index: Sequence[
         "ihvp": ihvp or run.default_method.value,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def lds(run: Run, **options: Any) -> dict[str, Any]:
+    """The linear datamodeling score of ``run``'s influence scores: :func:`engine.lds.lds`
+    (the same keyword options), kept here beside the other retraining checks."""
+    from .lds import lds as linear_datamodeling_score  # engine.lds imports this module's helpers
+
+    return linear_datamodeling_score(run, **options)
