@@ -52,7 +52,7 @@ from .store.files import atomic_write_bytes, load_json, save_json
 from .validate import newton_solver, retrain_without
 
 __all__ = ["LDS_DIR", "LDS_FILE", "OUTPUTS", "RETRAINING", "Retrained", "cache_path", "lds", "lds_score",
-           "load_lds", "retrain_outputs", "save_lds", "subset_masks"]
+           "load_lds", "retrain_outputs", "save_lds", "scratch_model", "subset_masks"]
 
 LDS_FILE = "lds.json"  # in the run folder: {"results": [one lds() result per setting]}
 LDS_DIR = "lds"  # in the run folder: the retrained models' test outputs, one .npz per setting
@@ -193,21 +193,31 @@ def _ground_truth(run: Run, retraining: str, *, seed: int, subsets: int) -> str:
             f"iterations or {tc.polish_s:g} s)")
 
 
+def scratch_model(run: Run, keep: np.ndarray, *, init_seed: int) -> tuple[Objective, torch.Tensor]:
+    """A network trained on the points ``keep`` (n,) bool from a fresh init seeded ``init_seed``,
+    with the run's recipe and the build's own training function (BatchNorm trains in train mode,
+    its running statistics stay in the returned objective's module, evaluated in eval mode).
+    Returns the objective over every trainable parameter and its θ (p_all,)."""
+    config = dataclasses.replace(run.config, seed=init_seed)  # a fresh init and minibatch order
+    ds, data = run.dataset, run.data
+    module = make_module(config, input_shape=ds.input_shape, n_classes=ds.n_classes)
+    obj = make_objective(module, config, device=run.device, dtype=run.model.dtype)  # every parameter
+    mask = torch.from_numpy(keep)
+    x, y = data.x_train[mask.to(data.x_train.device)], data.y_train[mask.to(data.y_train.device)]
+    theta, _ = train_theta(config, run.info.model.kind, obj, ds, x, y, dev=run.device,
+                           dtype=run.model.dtype, progress=False)  # (p_all,)
+    return obj, theta
+
+
 def _retrain_one(run: Run, keep: np.ndarray, *, retraining: str, init_seed: int, newton: Any
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Losses and margins (each (n_test,)) of the model retrained on the points ``keep`` (n,)."""
     data = run.data
-    mask = torch.from_numpy(keep)
     if run.info.model.convex or retraining == "warm":
-        theta = retrain_without(run, mask, newton=newton, lbfgs_steps=WARM_LBFGS_STEPS)  # (p,)
+        theta = retrain_without(run, torch.from_numpy(keep), newton=newton,
+                                lbfgs_steps=WARM_LBFGS_STEPS)  # (p,)
         return _outputs(run.model.objective, theta, data.x_test, data.y_test)
-    config = dataclasses.replace(run.config, seed=init_seed)  # a fresh init and minibatch order
-    ds = run.dataset
-    module = make_module(config, input_shape=ds.input_shape, n_classes=ds.n_classes)
-    obj = make_objective(module, config, device=run.device, dtype=run.model.dtype)  # every parameter
-    x, y = data.x_train[mask.to(data.x_train.device)], data.y_train[mask.to(data.y_train.device)]
-    theta, _ = train_theta(config, run.info.model.kind, obj, ds, x, y, dev=run.device,
-                           dtype=run.model.dtype, progress=False)  # (p_all,); BatchNorm as the build
+    obj, theta = scratch_model(run, keep, init_seed=init_seed)
     return _outputs(obj, theta, data.x_test, data.y_test)
 
 
