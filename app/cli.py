@@ -17,6 +17,8 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from app.cli_quality import COMMANDS as QUALITY_COMMANDS
+from app.cli_quality import add_quality_commands, run_quality
 from engine.config import IHVPMethod
 from engine.options import add_build_options, build_kwargs
 
@@ -104,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--json", action="store_true", help="print the report as JSON")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    add_quality_commands(sub, METHODS)  # lds, mislabels, brittleness (app/cli_quality.py)
 
     sv = sub.add_parser("serve", help="serve the dashboard for a run")
     sv.add_argument("--run", required=True, type=Path)
@@ -267,6 +271,9 @@ def _dispatch(args: argparse.Namespace) -> None:
         return
     if args.command == "attack":
         _attack(engine.open_run(args.run), args)
+        return
+    if args.command in QUALITY_COMMANDS:
+        run_quality(args)
         return
     if args.command == "trust":
         from engine.trust import trust_check

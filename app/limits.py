@@ -24,9 +24,12 @@ __all__ = [
     "AUDIT_MAX_TESTS",
     "AUDIT_MAX_TRAIN",
     "DEFAULT_CLUSTERS",
+    "DEFAULT_LDS_TESTS",
     "DEFAULT_LIMIT",
     "DEFAULT_TOP",
     "DEFAULT_UPLOAD_LIMIT",
+    "MAX_BRITTLE_K",
+    "MAX_BRITTLE_TESTS",
     "MAX_CHECK_TESTS",
     "MAX_CLUSTERS",
     "MAX_FASTIF",
@@ -37,6 +40,8 @@ __all__ = [
     "MAX_ITEMS",
     "MAX_ITEM_TOP",
     "MAX_JSON_BODY",
+    "MAX_LDS_SUBSETS",
+    "MAX_LDS_TESTS",
     "MAX_LIMIT",
     "MAX_NOTE",
     "MAX_POOL",
@@ -70,6 +75,12 @@ MAX_CHECK_TESTS = 10_000  # test ids one retraining check measures
 MAX_GROUP_TOP = 100_000  # a mislabel group's size
 DEFAULT_CLUSTERS, MAX_CLUSTERS = 8, 100  # k-means centres of a cluster group
 MAX_ID_TEXT = 200_000  # characters of a page's typed id list
+# reliability jobs (each retrains: a subset or a k is one model trained)
+MAX_LDS_SUBSETS = 500  # LDS subsets M (retrained models) of one job
+MAX_LDS_TESTS = 10_000  # LDS test points of one job
+DEFAULT_LDS_TESTS = 100  # LDS test points when none are named (or every one, when a run has fewer)
+MAX_BRITTLE_TESTS = 50  # test points one brittleness job searches
+MAX_BRITTLE_K = 10_000  # the largest k (top helpful points removed) a brittleness search tries
 # audits
 MAX_ITEMS = 500  # items per request
 MAX_NOTE = 10_000  # characters of a note or description

@@ -23,7 +23,7 @@ from .compression import GZip
 from .errors import install_error_handlers
 from .jobs import JobManager
 from .limits import BodyLimit, template_limits
-from .routes import assets, audits, images, jobs, meta, pages, queries, test_points, train_points
+from .routes import assets, audits, images, jobs, meta, pages, quality, queries, test_points, train_points
 from .security import csp_nonce, install_security
 from .services import Dashboard
 from .settings import Settings
@@ -69,7 +69,7 @@ def create_app(settings: Settings, *, run: engine.Run | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, upload_limit=settings.upload_limit)  # inside the security headers
     install_security(app, cors_origins=settings.cors_origins)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    for module in (meta, test_points, train_points, images, queries, jobs, audits, assets, pages):
+    for module in (meta, test_points, train_points, images, queries, jobs, quality, audits, assets, pages):
         app.include_router(module.router)
 
     @app.get("/docs", include_in_schema=False)

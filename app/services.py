@@ -13,14 +13,18 @@ from typing import Any
 import numpy as np
 
 from engine import IndexOutOfRange, QueryError, Run
+from engine.brittle import load_brittleness
 from engine.group import group_influence
+from engine.lds import load_lds
+from engine.mislabel import load_mislabel
 from engine.trust import load_trust
 from engine.validate import group_removal
 
 from .images import decode_upload, png_data_url
 from .limits import DEFAULT_CLUSTERS, DEFAULT_LIMIT, DEFAULT_TOP, MAX_CLUSTERS, MAX_LIMIT, MAX_TOP
 
-__all__ = ["DEFAULT_LIMIT", "DEFAULT_TOP", "MAX_LIMIT", "MAX_TOP", "Dashboard", "check_index"]
+__all__ = ["DEFAULT_LIMIT", "DEFAULT_TOP", "MAX_LIMIT", "MAX_TOP", "Dashboard", "brittleness_summary",
+           "check_index"]
 
 RANKINGS = ("self_influence", "loss", "grad_norm")
 
@@ -29,6 +33,20 @@ def check_index(index: int, n: int, what: str) -> int:
     if not 0 <= index < n:
         raise IndexOutOfRange(f"{what} index {index} is out of range 0..{n - 1}")
     return index
+
+
+def brittleness_summary(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The median k of a brittleness search over its test points, a point not flipped within
+    its ``max_k`` counting as larger than any k (so the median may be "more than max_k")."""
+    ks = sorted((r["k"] if r["k"] is not None else np.inf) for r in results)
+    if not ks:
+        return {"median_k": None, "above_max_k": False, "flipped": 0, "n_tests": 0}
+    mid = len(ks) // 2
+    median = ks[mid] if len(ks) % 2 else (ks[mid - 1] + ks[mid]) / 2
+    flipped = sum(r["k"] is not None for r in results)
+    return {"median_k": float(median) if np.isfinite(median) else None,
+            "above_max_k": not np.isfinite(median), "flipped": flipped, "n_tests": len(ks),
+            "max_k": max(r["max_k"] for r in results)}
 
 
 def _check_top(top: int) -> int:
@@ -248,6 +266,33 @@ class Dashboard:
         best = max((r for r in report["results"] if "pearson" in r), key=lambda r: r["pearson"],
                    default=None)
         return {"checked": True, "best": best, **report}
+
+    # ------------------------------------------------------------------ reliability
+    def lds_results(self) -> list[dict[str, Any]]:
+        """The run's saved linear datamodeling scores (``influence lds``, the API's job), oldest first."""
+        return load_lds(self.run)
+
+    def mislabel(self) -> dict[str, Any] | None:
+        """The run's saved mislabel check (AUC and recall against the recorded label flips), if any."""
+        return load_mislabel(self.run)
+
+    def brittleness(self) -> dict[str, Any] | None:
+        """The run's saved brittleness search with its median k, if any."""
+        report = load_brittleness(self.run)
+        return None if report is None else {**report, "summary": brittleness_summary(report["results"])}
+
+    def reliability(self) -> dict[str, Any]:
+        """Every saved check of the run: leave-one-out trust, LDS, mislabel AUC, brittleness; and
+        the label noise the run was built with and the commands that compute each check."""
+        run, path = self.run, self.run.path
+        data = run.info.data
+        return {"trust": self.trust(), "lds": self.lds_results(), "mislabel": self.mislabel(),
+                "brittleness": self.brittleness(),
+                "label_noise": {"fraction": data.label_noise, "n_flipped": data.n_flipped},
+                "commands": {"lds": f"influence lds --run {path}",
+                             "mislabels": f"influence mislabels --run {path}",
+                             "brittleness": f"influence brittleness --run {path}",
+                             "label_noise": "influence build ... --label-noise 0.1"}}
 
     # ------------------------------------------------------------------ groups and uploads
     def group(self, train_ids: Sequence[int], test_ids: Sequence[int], *, order: int = 1,

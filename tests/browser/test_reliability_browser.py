@@ -1,0 +1,124 @@
+"""The overview's reliability panel in headless Chromium: the saved LDS with its 95% CI, interval
+bar and published references, the mislabel AUC/recall table and the brittleness summary; the
+"Compute LDS" button runs a background job, shows its progress and puts the new result in the
+panel without a page load; nothing logs an error.
+
+A run of its own (90 train / 30 test 8×8 images, logreg, 10% of the training labels flipped and
+recorded), so that the mislabel check has flips to find; its LDS and checks computed by the engine
+before the page is opened."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import engine
+from engine.brittle import brittleness
+from engine.lds import lds, load_lds
+from engine.mislabel import load_mislabel, mislabel_check
+from tests.app.conftest import write_image_npz
+
+from .conftest import Tab, open_tab, serving
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def checked_run(tmp_path_factory: pytest.TempPathFactory) -> engine.Run:
+    npz = write_image_npz(tmp_path_factory.mktemp("reliability-data") / "images.npz")
+    run = engine.build(str(npz), "logreg", tmp_path_factory.mktemp("reliability-runs") / "noisy",
+                       device="cpu", progress=False, label_noise=0.1)
+    lds(run, subsets=3, tests=5)
+    mislabel_check(run)
+    brittleness(run, test_index=[0, 1], max_k=4)
+    return run
+
+
+@pytest.fixture(scope="module")
+def base(checked_run: engine.Run) -> Iterator[str]:
+    with serving(checked_run.path) as url:
+        yield url
+
+
+@pytest.fixture
+def rtab(browser: Any, base: str, screenshot_dirs: list[Path]) -> Iterator[Tab]:
+    with open_tab(browser, base, screenshot_dirs) as t:
+        yield t
+
+
+def test_panel_shows_lds_mislabels_and_brittleness(rtab: Tab, checked_run: engine.Run) -> None:
+    page = rtab.page
+    rtab.goto("/")
+    saved = load_lds(checked_run)[0]
+    row = page.locator("#lds tr.lds-row").first
+    assert row.locator(".lds-value").inner_text() == f"{saved['lds']:.3f}"
+    assert row.locator(".lds-ci").inner_text() == f"{saved['ci95'][0]:.3f}–{saved['ci95'][1]:.3f}"
+    bar = row.locator(".lds-bar")
+    assert f"95% CI {saved['ci95'][0]:.2f} to {saved['ci95'][1]:.2f}" in bar.get_attribute("aria-label")
+    assert bar.locator(".lds-ci-bar").bounding_box()["width"] > 0
+    refs = [r.get_attribute("title") for r in bar.locator(".lds-ref").all()]
+    assert any("one checkpoint: ≈ 0.1" in t for t in refs) and any("MNIST: ≈ 0.8" in t for t in refs)
+    assert row.locator(".lds-retraining").inner_text() == "to the optimum"
+    # the panel spans the page as the trust check above it does
+    trust_box, lds_box = page.locator("#trust").bounding_box(), page.locator("#lds").bounding_box()
+    assert (lds_box["x"], lds_box["width"]) == (trust_box["x"], trust_box["width"])
+    assert lds_box["y"] > trust_box["y"] + trust_box["height"]
+    assert page.locator("#lds-title .lds-badge").inner_text() == f"{saved['lds']:.2f}"
+    headers = page.locator("#lds thead th").all_inner_texts()
+    assert headers[:3] == ["IHVP method", "LDS", "95% CI"]
+    assert f"influence lds --run {checked_run.path}" in page.locator("#lds-command").inner_text()
+
+    table = page.locator("table.mislabel-table")
+    assert table.locator("thead th").all_inner_texts() == ["score", "AUC", "top 1%", "top 5%", "top 10%", "top 20%"]
+    report = load_mislabel(checked_run)
+    for tr, s in zip(table.locator("tbody tr").all(), report["scores"], strict=True):
+        cells = tr.locator("th, td").all_inner_texts()
+        assert cells[0] == s["score"].replace("_", " ") and cells[1] == f"{s['auc']:.3f}"
+        assert cells[4] == f"{100 * s['recall']['10']:.1f}%"
+
+    assert page.locator("table.brittle-table tbody tr").count() == 2
+    assert "Median k:" in page.locator(".brittle-median").inner_text()
+    rtab.screenshot("overview_reliability")
+    rtab.assert_clean()
+
+
+def test_compute_lds_button_runs_a_job_and_updates_the_panel(rtab: Tab, checked_run: engine.Run) -> None:
+    page = rtab.page
+    rtab.goto("/")
+    before = page.locator("#lds tr.lds-row").count()
+    form = page.locator("form.lds-form")
+    form.locator("input[name=subsets]").fill("3")
+    form.locator("input[name=tests]").fill("5")
+    form.locator("select[name=output]").select_option("margin")
+    status = page.locator("#lds .job-status")
+    assert status.get_attribute("aria-live") == "polite" and status.get_attribute("role") == "status"
+    url = page.url
+    form.locator("button[type=submit]").click()
+    assert form.locator("button[type=submit]").is_disabled() or "Done" in status.inner_text()
+    page.wait_for_function("() => document.querySelector('#lds .job-status .job-text')"
+                           ".textContent.startsWith('Done')", timeout=180_000)
+    assert page.url == url  # the panel was refreshed in place, not by a navigation
+    assert not form.locator("button[type=submit]").is_disabled()
+    assert page.locator("#lds tr.lds-row").count() == before + 1
+    margin = next(r for r in load_lds(checked_run) if r["output"] == "margin")
+    assert page.locator("#lds-results").get_by_text(f"{margin['ci95'][0]:.3f}–{margin['ci95'][1]:.3f}").count() >= 1
+    assert page.locator("#lds .job-status progress").evaluate("p => p.value === p.max")
+    rtab.screenshot("overview_lds_job")
+    rtab.assert_clean()
+
+
+def test_a_refused_lds_request_says_why(rtab: Tab) -> None:
+    page = rtab.page
+    rtab.goto("/")
+    rtab.expected_status["/api/v1/lds"] = 422
+    form = page.locator("form.lds-form")
+    form.locator("input[name=tests]").evaluate("i => { i.max = 999; i.value = 999; }")  # past the run's 30
+    form.locator("button[type=submit]").click()
+    text = page.locator("#lds .job-status .job-text")
+    text.filter(has_text="Could not start").wait_for()
+    assert "test points" in text.inner_text() and "HTTP 422" in text.inner_text()
+    assert page.locator("#lds .job-status").get_attribute("class") == "job-status error"
+    rtab.assert_clean()
