@@ -326,7 +326,7 @@ def lds(run: Run, *, subsets: int = 30, fraction: float = 0.5, tests: int = 100,
     (sorted). Scores from ``run.scores(test_ids, ihvp, damping=damping)`` (n_train, T); the
     retrained outputs from :func:`retrain_outputs` (cached). Returns a JSON-ready dict: "lds",
     "ci95" [lo, hi] and "per_test" (None where undefined), "subsets", "fraction", "output",
-    "ihvp", "damping", "retraining", "ground_truth", "test_ids", "n_valid", "model", "n_train",
+    "ihvp", "damping", "retraining", "ground_truth", "test_ids", "n_valid", "seed", "model", "n_train",
     "retrain_seconds" (summed over subsets, cached ones included), "score_seconds", "seconds"
     (this call) and "created". ``save``: also kept in ``run.path / LDS_FILE``.
     """
