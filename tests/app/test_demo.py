@@ -182,3 +182,12 @@ def test_main_builds_without_serving(missing: Path, tmp_path: Path, capsys: pyte
     out, err = capsys.readouterr()
     assert out.startswith(f"demo run ready: {tmp_path / 'demo'}")
     assert err.splitlines()[0] == FALLBACK_HINT
+
+
+def test_the_image_installs_fashion_mnist_and_builds_the_demo_on_first_start() -> None:
+    text = (Path(__file__).resolve().parents[2] / "Dockerfile").read_text()
+    assert f"apt-get install -y --no-install-recommends {idx.FASHION_MNIST_PACKAGE}" in text
+    cmd = next(line for line in text.splitlines() if line.startswith("CMD"))
+    # built only where no run is there yet (a team's own run is never replaced), then served
+    assert 'test -f \\"$INFLUENCE_RUN/run.json\\" || python -m app.demo \\"$INFLUENCE_RUN\\"' in cmd
+    assert "exec influence serve" in cmd
