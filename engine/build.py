@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from .config import AUTO_IHVP, BuildConfig, IHVPMethod, ModelKind
 from .data import BUILTIN_DATA, IDX_PREFIX, Dataset, fingerprint, load_data
 from .distributed import Comm, LocalComm, reduced_hessian, reduced_hvp, shard_rows
+from .ensemble import check_ensemble, member_folder, member_seed, record_ensemble
 from .errors import InfluenceError, RunError
 from .grads.layers import select_modules
 from .grads.space import CALIBRATION_SAMPLES, make_space
@@ -124,6 +125,7 @@ def build(data: str, model: str, out: str | Path, *, force: bool = False, progre
     except TypeError as exc:
         raise InfluenceError(f"unknown build option: {exc}") from exc
     check_config(config, requested)
+    check_ensemble(config, model_kind(config.model))
     out = Path(out)
     if out.exists():
         if not force:
@@ -144,10 +146,12 @@ def build(data: str, model: str, out: str | Path, *, force: bool = False, progre
     try:
         info, ds = _build_into(tmp, config, requested=requested, progress=progress and comm.is_root,
                                comm=comm)
+        if config.ensemble > 1:
+            members = _build_members(tmp, config, requested=requested, progress=progress, comm=comm)
+            if comm.is_root:
+                record_ensemble(info, members, config)
         if comm.is_root:
-            for leftover in (STATE_FILE, DONE_FILE):
-                (tmp / leftover).unlink(missing_ok=True)
-            save_json(tmp / RUN_FILE, info)
+            _finish(tmp, info)
             if out.exists():
                 old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
                 out.rename(old)  # keep the old run until the new one is in place
@@ -168,15 +172,51 @@ def build(data: str, model: str, out: str | Path, *, force: bool = False, progre
     return Run(out, RunInfo.from_dict(load_json(out / RUN_FILE), where=out / RUN_FILE), dataset=ds)  # the data as loaded, not read again
 
 
+def _finish(folder: Path, info: dict[str, Any]) -> None:
+    """Drop the build's bookkeeping and write ``run.json`` (last: the folder is now a run)."""
+    for leftover in (STATE_FILE, DONE_FILE):
+        (folder / leftover).unlink(missing_ok=True)
+    save_json(folder / RUN_FILE, info)
+
+
+def _build_members(tmp: Path, config: BuildConfig, *, requested: str, progress: bool, comm: Comm
+                   ) -> list[dict[str, Any]]:
+    """Members 1..N−1 of an ensemble, each a complete run in ``tmp/members/<j>`` trained with
+    seed S + j (:mod:`engine.ensemble`); a member with its ``run.json`` is done, one with only
+    its state is continued. Returns the members' ``run.json`` contents (rank 0; {} elsewhere)."""
+    member_config = dataclasses.replace(config, ensemble=1)
+    out = []
+    for j in range(1, config.ensemble):
+        folder = member_folder(tmp, j)
+        if (folder / RUN_FILE).is_file():  # finished before the build was interrupted
+            out.append(load_json(folder / RUN_FILE) if comm.is_root else {})
+            continue
+        if comm.is_root and progress:
+            print(f"ensemble member {j + 1}/{config.ensemble} (seed {member_seed(config.seed, j)})", file=sys.stderr)
+        if comm.is_root and not _resume_state(folder, member_config, True):
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            save_json(folder / STATE_FILE, {"config": member_config.to_dict()})
+        comm.barrier()
+        info, _ = _build_into(folder, member_config, requested=requested,
+                              progress=progress and comm.is_root, comm=comm, member=j)
+        if comm.is_root:
+            _finish(folder, info)
+        out.append(info)
+    return out
+
+
 def _store_dtype(config: BuildConfig, dtype: torch.dtype) -> str:
     if config.store_dtype != "auto":
         return config.store_dtype
     return {torch.float64: "float64", torch.float32: "float32"}[dtype]
 
 
-def _build_into(folder: Path, config: BuildConfig, *, requested: str, progress: bool, comm: Comm
-                ) -> tuple[dict[str, Any], Dataset]:
-    """The run's ``run.json`` content (empty on ranks other than 0) and the loaded data."""
+def _build_into(folder: Path, config: BuildConfig, *, requested: str, progress: bool, comm: Comm,
+                member: int = 0) -> tuple[dict[str, Any], Dataset]:
+    """The run's ``run.json`` content (empty on ranks other than 0) and the loaded data.
+    ``member`` j > 0: ensemble member j, whose model is initialised and trained with seed S + j
+    (the data, projection and solvers keep S)."""
     state: dict[str, Any] = load_json(folder / STATE_FILE) if comm.is_root else {}
     timings: dict[str, float] = dict(state.get("timings", {}))
 
@@ -195,7 +235,8 @@ def _build_into(folder: Path, config: BuildConfig, *, requested: str, progress: 
                    test_size=config.test_size, label_noise=config.label_noise)
     data_fp = fingerprint(ds)
     timings.setdefault("load_data_s", time.perf_counter() - t0)
-    module = make_module(config, input_shape=ds.input_shape, n_classes=ds.n_classes)
+    seeded = dataclasses.replace(config, seed=member_seed(config.seed, member))  # init and batch order
+    module = make_module(seeded, input_shape=ds.input_shape, n_classes=ds.n_classes)
     tracked = select_modules(module, config.params).param_names if config.params else None
     n = ds.n_train
     obj_all = make_objective(module, config, device=dev, dtype=dtype)  # every trainable parameter
@@ -210,8 +251,11 @@ def _build_into(folder: Path, config: BuildConfig, *, requested: str, progress: 
                       linear=linear_layer(obj_all) is not None, ihvp_requested=requested)
     config = dataclasses.replace(config, ihvp=plan.ihvp)
     check_method(config)
-    if comm.is_root and progress:
+    if comm.is_root and progress and member == 0:
         print("\n".join(plan.lines()), file=sys.stderr)
+        if config.ensemble > 1:
+            print(f"ensemble of {config.ensemble} models: about {config.ensemble}x the time and "
+                  "disk above", file=sys.stderr)
     plan.check()
 
     # ---- θ̂: trained on rank 0 (or taken from the interrupted build), broadcast to every rank
@@ -223,7 +267,7 @@ def _build_into(folder: Path, config: BuildConfig, *, requested: str, progress: 
         else:
             x_full = x if comm.world == 1 else torch.from_numpy(np.array(x_all)).to(dev, dtype)
             y_full = y if comm.world == 1 else torch.from_numpy(np.array(y_all)).to(dev)
-            theta_all, train_info = train_theta(config, kind, obj_all, ds, x_full, y_full, dev=dev,
+            theta_all, train_info = train_theta(seeded, kind, obj_all, ds, x_full, y_full, dev=dev,
                                                 dtype=dtype, progress=progress)
             obj_all.load_flat(theta_all)
             train_info["train_accuracy"] = accuracy(obj_all, theta_all, x_full, y_full)
@@ -351,4 +395,5 @@ def _build_into(folder: Path, config: BuildConfig, *, requested: str, progress: 
         "versions": {"engine": ENGINE_VERSION, "torch": torch.__version__,
                      "numpy": np.__version__, "python": platform.python_version()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **({"ensemble": {"member": member, "train_seed": seeded.seed}} if member else {}),
     }, ds

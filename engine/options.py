@@ -56,6 +56,10 @@ def add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-noise", type=float, default=d("label_noise"), metavar="F",
                    help="flip a seeded fraction F of the training labels to another class and "
                         "record which (for `influence mislabels`); 0: none")
+    p.add_argument("--ensemble", type=int, default=d("ensemble"), metavar="N",
+                   help="N independently seeded models (training seeds S..S+N-1), one store each "
+                        "under OUT/members/; queries average their scores and show how consistent "
+                        "each listed point is across them (networks only; N times the build)")
     p.add_argument("--dtype", default=d("dtype"), choices=("auto", "float64", "float32"))
     p.add_argument("--store-dtype", default=d("store_dtype"), choices=STORE_DTYPE_CHOICES,
                    help="gradient store dtype (auto: the compute dtype); float16/bfloat16 halve "
@@ -83,7 +87,7 @@ def build_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "project": args.project, "projection": args.projection, "params": args.params,
         "device": args.device, "seed": args.seed,
         "train_size": args.train_size, "test_size": args.test_size, "dtype": args.dtype,
-        "label_noise": args.label_noise,
+        "label_noise": args.label_noise, "ensemble": args.ensemble,
         "store_dtype": args.store_dtype, "chunk_size": args.chunk_size, "weights": args.weights,
         "svm_temperature": args.svm_temperature, "force": args.force, "resume": args.resume,
     }

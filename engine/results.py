@@ -17,6 +17,8 @@ class TopInfluences:
 
     ``helpful_ids`` / ``helpful_scores`` (k, m): most negative ``I_up,loss`` first;
     ``harmful_ids`` / ``harmful_scores`` (k, m): most positive first. ``diagnostics``: the solve's.
+    ``consistency`` (ensembles only, :mod:`engine.ensemble`): per side, per query, one dict per
+    listed point (``{"agree", "agree_count", "members", "same_sign", "cv"}``), added to its item.
     """
 
     helpful_ids: np.ndarray  # (k, m) int64
@@ -24,17 +26,22 @@ class TopInfluences:
     harmful_ids: np.ndarray  # (k, m) int64
     harmful_scores: np.ndarray  # (k, m) float64
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    consistency: dict[str, list[list[dict[str, Any]]]] | None = None
 
     def lists(self, j: int, labels: np.ndarray) -> dict[str, list[dict[str, Any]]]:
         """Query j as the REST influence route's ``{"helpful": [...], "harmful": [...]}``, each
-        entry ``{"train_id", "score", "label"}``."""
+        entry ``{"train_id", "score", "label"}`` (and ``"consistency"`` on an ensemble)."""
 
-        def rows(ids: np.ndarray, scores: np.ndarray) -> list[dict[str, Any]]:
-            return [{"train_id": int(i), "score": float(s), "label": int(labels[int(i)])}
-                    for i, s in zip(ids[:, j].tolist(), scores[:, j].tolist())]
+        def rows(side: str, ids: np.ndarray, scores: np.ndarray) -> list[dict[str, Any]]:
+            out = [{"train_id": int(i), "score": float(s), "label": int(labels[int(i)])}
+                   for i, s in zip(ids[:, j].tolist(), scores[:, j].tolist())]
+            if self.consistency is not None:
+                for item, c in zip(out, self.consistency[side][j]):
+                    item["consistency"] = c
+            return out
 
-        return {"helpful": rows(self.helpful_ids, self.helpful_scores),
-                "harmful": rows(self.harmful_ids, self.harmful_scores)}
+        return {"helpful": rows("helpful", self.helpful_ids, self.helpful_scores),
+                "harmful": rows("harmful", self.harmful_ids, self.harmful_scores)}
 
 
 @dataclass(frozen=True)

@@ -283,7 +283,8 @@ def fastif_candidates(run: Run, test_index: int | Sequence[int] | np.ndarray, *,
     then the ``pool`` training points with the largest gradient norms that are not already
     among them (see :func:`fastif_top_influences`). One solve ``S = H⁻¹ [∇L(z_test_1) …]``
     (d, m), then ``scores_j = −store[ids_j] @ S[:, j]``: the same numbers as column j of
-    :meth:`Run.scores` on those rows. Ids int64, scores float64.
+    :meth:`Run.scores` on those rows. Ids int64, scores float64. On an ensemble run the
+    candidates are member 0's and each score is the members' mean (as :meth:`Run.scores`).
     """
     if candidates < 1:
         raise QueryError(f"candidates must be at least 1, got {candidates}")
@@ -311,7 +312,23 @@ def fastif_candidates(run: Run, test_index: int | Sequence[int] | np.ndarray, *,
             ids = np.concatenate([ids, outliers[new]])
             scores = np.concatenate([scores, pool_scores[new, j]])
         out.append((ids, scores))
+    if run.ensemble is not None:  # the same candidates (member 0's), scored by every member
+        return _ensemble_scores(run, idx, out, ihvp)
     return out
+
+
+def _ensemble_scores(run: Run, idx: np.ndarray, found: list[tuple[np.ndarray, np.ndarray]],
+                     ihvp: str | IHVPMethod | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Member 0's candidates with the mean of every member's own score (``found`` holds member
+    0's). The kNN index, features and pool stay member 0's: candidates are where to look."""
+    assert run.ensemble is not None
+    totals = [scores.copy() for _, scores in found]
+    for r in run.ensemble.members()[1:]:
+        s = r.solver(ihvp).solve(r.queries.test_gradients(idx).T.contiguous())  # (d, m)
+        for j, (ids, _) in enumerate(found):
+            rows = torch.as_tensor(ids, device=r.device)
+            totals[j] -= r.store.resident.rows_product(rows, s[:, j : j + 1])[:, 0].cpu().double().numpy()
+    return [(ids, total / run.ensemble.size) for (ids, _), total in zip(found, totals)]
 
 
 def fastif_top_influences(run: Run, test_index: int | Sequence[int] | np.ndarray, *, top: int = 10,

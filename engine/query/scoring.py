@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -102,6 +103,12 @@ class Scorer:
         n_train columns, so a run queried once never pays for it and one queried often pays at
         most twice the cheaper choice) and each query after that is one product.
         """
+        return self.scores_report(g, ihvp, damping=damping)[0]
+
+    def scores_report(self, g: torch.Tensor, ihvp: str | IHVPMethod | None = None, *,
+                      damping: float | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+        """:meth:`scores_for_gradients` (n_train, m) and the solve's diagnostics (empty when
+        the preconditioned store answered without a solve)."""
         solver = self.solvers.get(ihvp, damping=damping)
         if self.solvers.key(ihvp, damping) == (IHVPMethod.EXACT, None):
             with self._lock:
@@ -109,10 +116,10 @@ class Scorer:
                 ready = self._precond_checked or self._exact_columns >= self.n_train
             a = self.preconditioned() if ready else None
             if a is not None:
-                return a @ g.T.to(a.dtype)  # (n, m): one product
-        s = solver.solve(g.T.contiguous())  # (d, m) = H⁻¹ ∇L(z_test)
-        blocks = [prod.neg_() for _, prod in self.store.resident.products(s)]  # (b, m) each
-        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+                return a @ g.T.to(a.dtype), {}  # (n, m): one product
+        solution = solver.solve_report(g.T.contiguous())  # (d, m) = H⁻¹ ∇L(z_test)
+        blocks = [prod.neg_() for _, prod in self.store.resident.products(solution.x)]  # (b, m) each
+        return (blocks[0] if len(blocks) == 1 else torch.cat(blocks)), solution.diagnostics
 
     def self_influence(self, ihvp: str | IHVPMethod | None = None) -> np.ndarray:
         """``−g_iᵀ H⁻¹ g_i`` for every training point, float64 (n_train,), cached per method."""
