@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from engine import IndexOutOfRange, QueryError, Run
+from engine import IndexOutOfRange, InfluenceError, QueryError, Run
 from engine.brittle import load_brittleness
 from engine.group import group_influence
 from engine.lds import load_lds
@@ -282,12 +282,21 @@ class Dashboard:
         return None if report is None else {**report, "summary": brittleness_summary(report["results"])}
 
     def reliability(self) -> dict[str, Any]:
-        """Every saved check of the run: leave-one-out trust, LDS, mislabel AUC, brittleness; and
-        the label noise the run was built with and the commands that compute each check."""
+        """Every saved check of the run: leave-one-out trust, LDS, mislabel AUC, brittleness; the
+        label noise the run was built with and the commands that compute each check. A saved file
+        that cannot be read is reported in ``errors`` (and left out), not raised: the overview
+        still shows everything else."""
         run, path = self.run, self.run.path
+        saved: dict[str, Any] = {}
+        errors: dict[str, str] = {}
+        for name, load, empty in (("lds", self.lds_results, []), ("mislabel", self.mislabel, None),
+                                  ("brittleness", self.brittleness, None)):
+            try:
+                saved[name] = load()
+            except InfluenceError as exc:
+                saved[name], errors[name] = empty, " ".join(str(exc).split())
         data = run.info.data
-        return {"trust": self.trust(), "lds": self.lds_results(), "mislabel": self.mislabel(),
-                "brittleness": self.brittleness(),
+        return {"trust": self.trust(), **saved, "errors": errors,
                 "label_noise": {"fraction": data.label_noise, "n_flipped": data.n_flipped},
                 "commands": {"lds": f"influence lds --run {path}",
                              "mislabels": f"influence mislabels --run {path}",

@@ -106,4 +106,4 @@ def reliability_view(rel: Mapping[str, Any]) -> dict[str, Any]:
     recall_at = sorted({p for s in mislabel["scores"] for p in s["recall"]}, key=float) if mislabel else []
     return {"lds": lds_view(rel.get("lds") or []), "mislabel": mislabel, "recall_at": recall_at,
             "brittleness": rel.get("brittleness"), "label_noise": rel.get("label_noise") or {},
-            "commands": rel.get("commands") or {}}
+            "commands": rel.get("commands") or {}, "errors": rel.get("errors") or {}}

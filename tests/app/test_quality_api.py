@@ -220,3 +220,21 @@ def test_lds_view_orders_and_scales() -> None:
     assert view["rows"][0]["bar"] == {"left": 85.0, "width": 10.0, "mean": 90.0}
     assert view["rows"][1]["bar"]["left"] == 0.0 and view["rows"][1]["bar"]["width"] == 40.0  # clipped at 0
     assert view["rows"][0]["retraining_text"] == "warm-started from θ̂"
+
+
+def test_unreadable_saved_results_are_reported_not_raised(client: TestClient, run_path: Path,
+                                                          clean: None) -> None:
+    (run_path / LDS_FILE).write_text('{"no results": 1}')
+    (run_path / BRITTLE_FILE).write_text("{not json")
+    try:
+        r = client.get("/api/v1/lds")
+        assert r.status_code == 400 and "malformed" in r.json()["detail"]
+        rel = client.get("/api/v1/reliability").json()
+        assert rel["lds"] == [] and rel["brittleness"] is None and set(rel["errors"]) == {"lds", "brittleness"}
+        page = client.get("/")
+        assert page.status_code == 200
+        assert "The saved LDS results cannot be read" in page.text
+        assert "The saved brittleness search cannot be read" in page.text
+    finally:
+        (run_path / LDS_FILE).unlink()
+        (run_path / BRITTLE_FILE).unlink()
