@@ -14,6 +14,11 @@ prediction); it is not guaranteed, so every k tried is recorded with its outcome
 reported always flips while k−1 was tried and did not (k = 1: the prediction before removal).
 Only strictly helpful points (negative scores) are removed: ``max_k`` is capped by their number.
 
+For networks θ̂ is not an exact optimum, so retraining with *nothing* removed can already move
+a prediction; one such control retraining is run and each result says whether it flipped that
+prediction (``control_flipped``; None for convex models, whose retraining returns θ̂ itself).
+A k reported for a point whose control flipped measures the optimiser, not the data.
+
 The report is saved as ``brittleness.json`` in the run folder and read back by
 :func:`load_brittleness`.
 """
@@ -94,6 +99,17 @@ def _search(flips: Callable[[int], int], *, max_k: int, before: int
     return hi, tried
 
 
+def _control(run: Run, ids: list[int], *, newton: Any, lbfgs_steps: int) -> np.ndarray:
+    """Predicted classes (m,) of the test points ``ids`` after retraining with nothing removed."""
+    theta = run.model.theta
+    new = retrain_without(run, torch.ones(run.n_train, dtype=torch.bool), newton=newton,
+                          lbfgs_steps=lbfgs_steps)
+    with torch.no_grad():
+        out = run.model.objective.logits(new, run.data.x_test[torch.as_tensor(ids)]).argmax(dim=1)  # (m,)
+    run.model.objective.load_flat(theta)
+    return out.cpu().numpy()
+
+
 def _draw_tests(run: Run, *, tests: int, seed: int) -> list[int]:
     correct = np.flatnonzero(run.predictions("test").argmax(axis=1) == run.dataset.y_test)  # (m,)
     if correct.size == 0:
@@ -145,7 +161,8 @@ def brittleness(run: Run, *, test_index: int | Sequence[int] | None = None, test
     ``callback(done, total)`` is called after every retraining; ``total`` is an upper bound
     that tightens as searches end early. Returns (and with ``save`` writes to
     ``brittleness.json``) ``{"results": [{"test_id", "label", "predicted", "k", "max_k",
-    "tried": [{"k", "predicted", "flipped"}], "ground_truth"}], "ihvp", "seconds", "created"}``
+    "tried": [{"k", "predicted", "flipped"}], "ground_truth", "control_flipped"}], "ihvp",
+    "seconds", "created"}``
     with ``k`` None when no k ≤ max_k flips the prediction.
     """
     t0 = time.perf_counter()
@@ -160,6 +177,7 @@ def brittleness(run: Run, *, test_index: int | Sequence[int] | None = None, test
     cap = default_max_k(run.n_train) if max_k is None else int(max_k)
     caps = [max(1, min(cap, int((scores[:, j] < 0).sum()))) for j in range(len(ids))]
     bounds = [search_steps(c) for c in caps]
+    control = None if run.info.model.convex else _control(run, ids, newton=newton, lbfgs_steps=lbfgs_steps)
     ticker = _Ticker(bounds, progress=progress, callback=callback)
     results = []
     for j, t in enumerate(ids):
@@ -181,7 +199,8 @@ def brittleness(run: Run, *, test_index: int | Sequence[int] | None = None, test
         k, tried = _search(predicted_without, max_k=caps[j], before=before)
         ticker.finish(j)
         results.append({"test_id": t, "label": int(run.dataset.y_test[t]), "predicted": before,
-                        "k": k, "max_k": caps[j], "tried": tried, "ground_truth": ground_truth})
+                        "k": k, "max_k": caps[j], "tried": tried, "ground_truth": ground_truth,
+                        "control_flipped": None if control is None else bool(control[j] != before)})
     ticker.close()
     report = {
         "results": results,

@@ -87,7 +87,7 @@ def test_the_k_found_is_the_smallest_that_flips_under_independent_retraining(run
         assert _predicted_without(run, helpful[:k], tests[j]) != row["predicted"]
         if k > 1:
             assert _predicted_without(run, helpful[: k - 1], tests[j]) == row["predicted"]
-        assert "exact optimum" in row["ground_truth"]
+        assert "exact optimum" in row["ground_truth"] and row["control_flipped"] is None
     assert searched >= 5  # one search bisected after doubling (measured k = 2, 2, 14)
     done = sum(len(r["tried"]) for r in report["results"])
     assert seen[-1] == (done, done) and [d for d, _ in seen[:done]] == list(range(1, done + 1))
@@ -119,6 +119,15 @@ def test_search_steps_bounds_every_search(max_k: int) -> None:
         k, tried = _search(lambda kk, f=flip_at: int(kk >= f), max_k=max_k, before=0)
         assert k == (flip_at if flip_at <= max_k else None)
         assert len(tried) <= search_steps(max_k)
+
+
+def test_a_network_records_its_control_retraining(tmp_path: Path) -> None:
+    data = write_blobs(tmp_path / "blobs.npz", n_train=60, n_test=10)
+    net = engine.build(str(data), "mlp", tmp_path / "mlp", weight_decay=LAM, ihvp="exact", progress=False)
+    report = brittleness(net, tests=2, max_k=2, lbfgs_steps=20, save=False)
+    for row in report["results"]:
+        assert isinstance(row["control_flipped"], bool) and "L-BFGS" in row["ground_truth"]
+        assert 1 <= len(row["tried"]) <= search_steps(2) and row["max_k"] <= 2
 
 
 def test_load_brittleness_of_an_unchecked_folder_is_none(tmp_path: Path) -> None:
