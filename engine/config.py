@@ -100,14 +100,24 @@ class LissaConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How networks are trained (convex models always run L-BFGS then Newton to optimum)."""
+    """How networks are trained (convex models always run L-BFGS then Newton to optimum).
 
-    epochs: int = 150
+    Stopping criterion of a network (:func:`engine.models.train.train_network`): ``min(epochs,
+    ⌈max_samples / n⌉)`` epochs (at least one) of minibatch ``optimizer`` with the learning rate
+    annealed by ``schedule``, then full-batch L-BFGS until ``lbfgs_steps`` iterations, its
+    tolerance, ``polish_s`` seconds or ``polish_share`` × the epochs' wall time, whichever first.
+    """
+
+    epochs: int = 150  # at most this many epochs (small data sets)
+    max_samples: int = 300_000  # and at most ⌈this / n⌉ epochs: per-sample gradients of the epochs (0: no cap)
     lr: float = 1e-2
     batch_size: int = 64
+    schedule: str = "cosine"  # cosine (learning rate annealed to 0 over the epochs) or constant
     lbfgs_steps: int = 500  # full-batch L-BFGS polish after the epochs, towards a stationary θ̂
-    polish_s: float = 120.0  # the polish also stops after this many seconds (0: no polish)
-    optimizer: str = "adam"  # adam or sgd (momentum 0.9, cosine learning rate) for the epochs
+    polish_s: float = 60.0  # the polish stops after this many seconds (0: no polish) ...
+    polish_share: float = 0.25  # ... or this share of the epochs' wall time, whichever is less
+    optimizer: str = "adam"  # adam or sgd (Nesterov momentum 0.9) for the epochs
+    threads: int = 0  # at most this many PyTorch CPU threads while training (0: half the cores, ≥ 1)
     hidden: tuple[int, ...] = (32,)  # MLP hidden widths
     channels: tuple[int, ...] = (8, 16)  # CNN conv widths
     width: int = 16  # ResNet base width (64 is ResNet-18 itself)

@@ -19,6 +19,8 @@ import torch
 from .config import AUTO_IHVP, BuildConfig, IHVPMethod, ModelKind
 from .errors import InfluenceError
 from .models.objective import Objective
+from .models.threads import intra_op_threads
+from .models.train import planned_epochs
 from .store.gradients import STORE_DTYPES
 
 __all__ = ["EXACT_MAX_PARAMS", "PROJECTIONS", "BuildPlan", "Stage", "auto_method", "available_memory",
@@ -159,6 +161,24 @@ def forward_backward_seconds(objective: Objective, x: torch.Tensor, y: torch.Ten
     return best / max(len(xb), 1)
 
 
+def _training_stage(config: BuildConfig, objective: Objective, x: torch.Tensor, y: torch.Tensor, *,
+                    convex: bool, fb: float) -> Stage:
+    """Training's estimate: convex models ``epochs · n`` forward + backward passes (a rough
+    bound of the L-BFGS and Newton work); networks their planned epochs at the training thread
+    count (measured under it), plus the polish's budget."""
+    tc, n, p = config.train, len(x), objective.n_params
+    peak = 4 * p * torch.empty((), dtype=objective.dtype).element_size()  # θ, its gradient, Adam's moments
+    if convex:
+        return Stage("training", tc.epochs * n * fb, peak)
+    with intra_op_threads(tc.threads):
+        fb_train = forward_backward_seconds(objective, x, y)
+    epochs = planned_epochs(tc, n)
+    epochs_s = epochs * n * fb_train
+    polish_s = min(tc.polish_s, tc.polish_share * epochs_s) if tc.lbfgs_steps > 0 else 0.0
+    return Stage("training", epochs_s + max(polish_s, 0.0), peak,
+                 f"{epochs} epochs, polish ≤ {max(polish_s, 0.0):.0f} s")
+
+
 def plan_build(config: BuildConfig, objective: Objective, x: torch.Tensor, y: torch.Tensor, *,
                kind: ModelKind, n_test: int, linear: bool, ihvp_requested: str) -> BuildPlan:
     """Resolve ``auto`` and estimate the stages of building ``config`` (x, y: the training set)."""
@@ -173,10 +193,7 @@ def plan_build(config: BuildConfig, objective: Objective, x: torch.Tensor, y: to
     fb = forward_backward_seconds(objective, x, y)
     stages: list[Stage] = []
     if kind is not ModelKind.USER:
-        epochs = config.train.epochs
-        train_s = epochs * n * fb + (0 if kind.convex else config.train.polish_s)
-        stages.append(Stage("training", train_s, 4 * p * itemsize,  # θ, its gradient, Adam's moments
-                            "" if kind.convex else f"{epochs} epochs, polish ≤ {config.train.polish_s:g} s"))
+        stages.append(_training_stage(config, objective, x, y, convex=kind.convex, fb=fb))
     kron = k and config.projection == "kronecker"
     chunk = config.chunk_size
     if kron:

@@ -30,7 +30,13 @@ from .ihvp.ekfac import (
 from .models.objective import Objective
 from .models.svm import hinge_kkt_residual, hinge_objective, train_hinge_svm
 from .models.svm import to_flat as svm_to_flat
-from .models.train import objective_value_and_grad, train_convex, train_network
+from .models.train import (
+    objective_value_and_grad,
+    planned_epochs,
+    stopping_rule,
+    train_convex,
+    train_network,
+)
 from .store.resident import ResidentStore
 
 __all__ = ["EKFAC_CHUNK", "accuracy", "ekfac_factors", "row_runs", "train_theta"]
@@ -85,15 +91,14 @@ def train_theta(config: BuildConfig, kind: ModelKind, obj: Objective, ds: Datase
         return res.theta, {"trained": True, "grad_norm": res.grad_norm, "objective": res.objective,
                            "iterations": res.iterations, "log": msgs}
     tc = config.train
-    with tqdm(total=tc.epochs, desc="train", unit="epoch", disable=not progress, file=sys.stderr) as bar, \
+    with tqdm(total=planned_epochs(tc, len(x)), desc="train", unit="epoch", disable=not progress,
+              file=sys.stderr) as bar, \
             tqdm(total=tc.lbfgs_steps if tc.polish_s > 0 else 0, desc="polish (L-BFGS)", unit="it",
                  disable=not progress or tc.polish_s <= 0, file=sys.stderr) as polish:
         res = train_network(obj, x, y, weight_decay=lam, config=tc, seed=config.seed,
                             epoch_bar=bar.update, polish_bar=polish.update)
     return res.theta, {"trained": True, "grad_norm": res.grad_norm, "objective": res.objective,
-                       "iterations": res.iterations,
-                       "stopping": f"{tc.epochs} epochs of {tc.optimizer}, then L-BFGS until "
-                                   f"{tc.lbfgs_steps} iterations, its tolerance or {tc.polish_s:g} s"}
+                       "iterations": res.iterations, "stopping": stopping_rule(tc, len(x))}
 
 
 def ekfac_factors(space: GradientSpace, x: torch.Tensor, y: torch.Tensor, store: ResidentStore, *,

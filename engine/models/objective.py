@@ -150,6 +150,12 @@ class Objective:
                 yield module
 
     # ----------------------------------------------------------------- parameters
+    @property
+    def params(self) -> list[torch.Tensor]:
+        """The module's own tensors of the tracked parameters, in θ's order (training updates
+        them in place; :meth:`flat_params` reads them back)."""
+        return list(self._params)
+
     def flat_params(self) -> torch.Tensor:
         """θ (p,) as currently held by the module (a detached copy)."""
         return torch.cat([p.detach().reshape(-1) for p in self._params]).clone()
