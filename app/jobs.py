@@ -11,6 +11,11 @@ A job that fails says why in ``error``: an engine domain error (:class:`engine.I
 e.g. a model too large to retrain here) is the request's fault and keeps its message
 (``error_kind: "bad_input"``); anything else is a bug, logged with its traceback and reported
 as an internal error (``error_kind: "internal"``).
+
+A job is cancelled (``DELETE /api/v1/jobs/{id}``, or every pending job when the server stops) at
+its next progress report: ``report`` raises :class:`JobCancelled`, so long work that reports after
+each retraining (LDS, brittleness, attacks) stops there (``error_kind: "cancelled"``). A queued
+job never starts.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from typing import Any
 
 from engine import InfluenceError
 
-__all__ = ["KEEP", "ErrorKind", "Job", "JobManager", "JobNotFound", "JobStatus", "QueueFull", "Report"]
+__all__ = ["KEEP", "ErrorKind", "Job", "JobCancelled", "JobManager", "JobNotFound", "JobStatus", "QueueFull",
+           "Report"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +51,7 @@ class JobStatus(str, Enum):
 class ErrorKind(str, Enum):
     BAD_INPUT = "bad_input"  # an engine domain error: the request asked for something impossible
     INTERNAL = "internal"  # a bug or a failure of the server; the log has the traceback
+    CANCELLED = "cancelled"  # stopped on request (or by the server's shutdown)
 
 
 PENDING = (JobStatus.QUEUED, JobStatus.RUNNING)
@@ -56,6 +63,10 @@ class JobNotFound(LookupError):
 
 class QueueFull(RuntimeError):
     """Too many jobs are waiting; try again later."""
+
+
+class JobCancelled(Exception):
+    """Raised inside a job's work by its progress report once the job was cancelled."""
 
 
 class Job:
@@ -72,6 +83,7 @@ class Job:
         self.created = time.time()
         self.started: float | None = None
         self.finished: float | None = None
+        self.cancel_requested = threading.Event()
 
     @property
     def pending(self) -> bool:
@@ -108,7 +120,7 @@ class JobManager:
         with self._lock:
             if key is not None:
                 same = next((j for j in reversed(self._jobs.values()) if j.key == key), None)
-                if same is not None:
+                if same is not None and not same.cancel_requested.is_set():  # cancelled: start afresh
                     return same
             pending = sum(j.pending for j in self._jobs.values())
             if pending >= self.max_pending:
@@ -123,6 +135,8 @@ class JobManager:
 
         def report(done: int, total: int) -> None:
             job.done, job.total = done, total
+            if job.cancel_requested.is_set():
+                raise JobCancelled(job.id)
 
         self._pool.submit(self._work, job, fn, report)
         logger.info("job %s (%s) queued", job.id, kind)
@@ -132,8 +146,14 @@ class JobManager:
     def _work(job: Job, fn: Callable[[Report], Any], report: Report) -> None:
         job.status, job.started = JobStatus.RUNNING, time.time()
         try:
+            if job.cancel_requested.is_set():
+                raise JobCancelled(job.id)
             job.result = fn(report)
             job.status = JobStatus.DONE
+        except JobCancelled:
+            job.fail(ErrorKind.CANCELLED, "cancelled on request; its partial work is kept where the "
+                                          "engine caches it (LDS resumes from its retrained subsets)")
+            logger.info("job %s (%s) cancelled", job.id, job.kind)
         except InfluenceError as exc:  # the request's fault: its message is the answer
             job.fail(ErrorKind.BAD_INPUT, " ".join(str(exc).split()))
             logger.info("job %s (%s) refused: %s", job.id, job.kind, job.error)
@@ -153,5 +173,18 @@ class JobManager:
             raise JobNotFound(f"no job {job_id!r} (finished jobs are kept for the last {KEEP})")
         return job
 
+    def cancel(self, job_id: str) -> Job:
+        """Ask a queued or running job to stop (at its next progress report); a finished job is
+        returned as it is."""
+        job = self.get(job_id)
+        if job.pending:
+            job.cancel_requested.set()
+        return job
+
     def shutdown(self) -> None:
+        """Cancel every pending job (a running one stops at its next progress report)."""
+        with self._lock:
+            for job in self._jobs.values():
+                if job.pending:
+                    job.cancel_requested.set()
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -33,6 +33,13 @@ def get_job(job_id: str, jobs: JobsDep) -> dict[str, Any]:
     return jobs.get(job_id).to_dict()
 
 
+@router.delete("/jobs/{job_id}", dependencies=[WriterDep])
+def cancel_job(job_id: str, jobs: JobsDep) -> dict[str, Any]:
+    """Cancel a queued or running job: it stops at its next progress report (an LDS after the
+    subset it is retraining; its retrained subsets stay cached). A finished job is unchanged."""
+    return jobs.cancel(job_id).to_dict()
+
+
 # ------------------------------------------------------------------------------ retraining checks
 class GroupCheckRequest(BaseModel):
     train_ids: list[int] = Field(min_length=1, max_length=MAX_GROUP_TRAIN, description="the group")

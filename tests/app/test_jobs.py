@@ -121,3 +121,67 @@ def test_group_check_job_failure_through_the_api(client: TestClient, monkeypatch
         job = _wait(client, r.json()["url"])
     assert job["error_kind"] == "internal" and "KeyError" in job["error"]
     assert any(rec.exc_info and rec.exc_info[0] is KeyError for rec in caplog.records)
+
+
+def test_a_cancelled_job_stops_at_its_next_report_and_the_same_key_starts_afresh() -> None:
+    jobs = JobManager(workers=1, max_pending=4)
+    started, reports = threading.Event(), []
+
+    def work(report) -> str:
+        started.set()
+        for i in range(1000):
+            report(i, 1000)  # raises once cancelled
+            reports.append(i)
+            time.sleep(0.01)
+        return "finished"
+
+    running = jobs.submit("lds", {}, work, key=("lds", 1))
+    queued = jobs.submit("lds", {}, lambda report: "never", key=("lds", 2))
+    assert started.wait(10)
+    jobs.cancel(queued.id)
+    jobs.cancel(running.id)
+    end = time.time() + 10
+    while (running.pending or queued.pending) and time.time() < end:
+        time.sleep(0.02)
+    for job in (running, queued):
+        d = job.to_dict()
+        assert d["status"] == "error" and d["error_kind"] == "cancelled", d
+    assert len(reports) < 1000 and queued.result is None  # stopped early; the queued one never ran
+    again = jobs.submit("lds", {}, lambda report: "again", key=("lds", 1))
+    assert again.id != running.id  # not the cancelled job
+    end = time.time() + 10
+    while again.pending and time.time() < end:
+        time.sleep(0.02)
+    assert again.result == "again"
+    assert jobs.cancel(again.id).status.value == "done"  # a finished job stays as it is
+    jobs.shutdown()
+
+
+def test_shutdown_cancels_the_running_job() -> None:
+    jobs = JobManager(workers=1, max_pending=2)
+    started = threading.Event()
+
+    def work(report) -> None:
+        started.set()
+        while True:
+            report(0, 1)
+            time.sleep(0.01)
+
+    job = jobs.submit("brittleness", {}, work)
+    assert started.wait(10)
+    jobs.shutdown()
+    end = time.time() + 10
+    while job.pending and time.time() < end:
+        time.sleep(0.02)
+    assert job.to_dict()["error_kind"] == "cancelled"
+
+
+def test_delete_job_route_cancels(client: TestClient) -> None:
+    r = client.post("/api/v1/attacks", json={"test_id": 4, "n_points": 12, "epsilon": 0.4, "iterations": 50})
+    assert r.status_code == 202, r.text
+    d = client.delete(r.json()["url"])
+    assert d.status_code == 200
+    job = _wait(client, r.json()["url"])
+    # cancelled at its next report, unless it finished first (50 retrainings: it does not)
+    assert job["status"] == "error" and job["error_kind"] == "cancelled", job
+    assert client.delete("/api/v1/jobs/nope").status_code == 404
