@@ -5,12 +5,16 @@ For each model, builds (or reopens) a run on a seeded, stratified Fashion-MNIST 
 :func:`engine.mislabel.mislabel_check`: AUC and recall@1/5/10/20% of |self-influence|, the
 training loss and the (stored) gradient norm against the flips. ``--extra-ihvp`` adds rows of
 self-influence under other IHVP methods. A random ranking has AUC 0.5 and recall@p% ≈ p/100;
-with 10% of the labels flipped, a perfect one has recall@10% = 1.
+with 10% of the labels flipped, a perfect one has recall@10% = 1 (and recall@1% at most 0.1).
+``--brittle-tests N`` also searches the brittleness k (:func:`engine.brittle.brittleness`) of N
+correctly predicted test points of each run.
 
 Prints a table and writes JSON (default bench/results/mislabel_bench.json).
 
     python bench/mislabel_bench.py                                   # logreg and cnn, 2,000 images
     python bench/mislabel_bench.py --models cnn --train-size 5000 --extra-ihvp fisher
+    python bench/mislabel_bench.py --models cnn --weight-decay 0.001   # a network that fits the flips
+    python bench/mislabel_bench.py --models logreg --brittle-tests 3 --max-k 200
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import engine
+from engine.brittle import brittleness
 from engine.config import TrainConfig
 from engine.errors import RunError
 from engine.mislabel import mislabel_check
@@ -39,7 +44,8 @@ WEIGHT_DECAY = {"logreg": 0.01}  # the issue's λ for logreg; networks take the 
 def _run(model: str, args: argparse.Namespace) -> tuple[engine.Run, float | None]:
     """The run for ``model``: reopened when its folder exists (build seconds None), else built."""
     epochs = f"-e{args.epochs}" if args.epochs and model not in WEIGHT_DECAY else ""
-    out = Path(args.runs) / f"{model}-{args.train_size}-noise{args.label_noise:g}-seed{args.seed}{epochs}"
+    lam = f"-wd{args.weight_decay:g}" if args.weight_decay is not None else ""
+    out = Path(args.runs) / f"{model}-{args.train_size}-noise{args.label_noise:g}-seed{args.seed}{epochs}{lam}"
     if out.is_dir() and not args.rebuild:
         try:
             return engine.open_run(out), None
@@ -47,9 +53,11 @@ def _run(model: str, args: argparse.Namespace) -> tuple[engine.Run, float | None
             pass
     options: dict[str, Any] = {"train_size": args.train_size, "test_size": args.test_size,
                                "label_noise": args.label_noise, "seed": args.seed}
-    if model in WEIGHT_DECAY:
+    if args.weight_decay is not None:
+        options["weight_decay"] = args.weight_decay
+    elif model in WEIGHT_DECAY:
         options["weight_decay"] = WEIGHT_DECAY[model]
-    elif args.epochs:
+    if args.epochs and model not in WEIGHT_DECAY:
         options["train"] = TrainConfig(epochs=args.epochs)
     t = time.perf_counter()
     run = engine.build(args.data, model, out, force=True, progress=args.progress, **options)
@@ -75,7 +83,12 @@ def bench_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
     by = {(r["score"], r["ihvp"]): r for r in rows}
     si = by[("self_influence", reports[0]["ihvp"])]
     loss = by[("loss", reports[0]["ihvp"])]
+    brittle = None
+    if args.brittle_tests:
+        brittle = brittleness(run, tests=args.brittle_tests, max_k=args.max_k, seed=args.seed,
+                              progress=args.progress)
     return {
+        "brittleness": brittle,
         "model": model, "ihvp": reports[0]["ihvp"], "dtype": str(run.model.dtype).replace("torch.", ""),
         "n_params": run.model.n_params, "projected": run.store.projected,
         "weight_decay": run.config.weight_decay, "damping": run.config.damping,
@@ -108,9 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-size", type=int, default=500)
     parser.add_argument("--label-noise", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--weight-decay", type=float, default=None,
+                        help="λ for every model (default: 0.01 for logreg, the config's for networks)")
     parser.add_argument("--epochs", type=int, default=0, help="networks: at most this many epochs (0: default)")
     parser.add_argument("--percents", type=float, nargs="+", default=[1, 5, 10, 20])
     parser.add_argument("--extra-ihvp", nargs="*", default=[], help="more IHVP methods for self-influence")
+    parser.add_argument("--brittle-tests", type=int, default=0,
+                        help="also search the brittleness k of this many correctly predicted test points")
+    parser.add_argument("--max-k", type=int, default=None, help="brittleness: the largest k searched")
     parser.add_argument("--runs", default="/tmp/mislabel_bench_runs", help="where the runs are built")
     parser.add_argument("--rebuild", action="store_true", help="rebuild runs that exist")
     parser.add_argument("--progress", action="store_true")
@@ -126,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     print(_table(results, args.percents))
     for res in results:
         print(f"{res['model']}: self-influence ≥ training loss: {res['self_influence_at_least_loss']}")
+        if res["brittleness"]:
+            b = res["brittleness"]
+            ks = [(r["test_id"], r["k"], r["max_k"], len(r["tried"])) for r in b["results"]]
+            print(f"{res['model']} brittleness (test_id, k, max_k, retrainings): {ks} in {b['seconds']:.0f} s")
     payload = {"command": " ".join(sys.argv), "data": args.data, "train_size": args.train_size, "test_size": args.test_size,
                "label_noise": args.label_noise, "seed": args.seed, "percents": args.percents,
                "torch": torch.__version__, "threads": torch.get_num_threads(),
