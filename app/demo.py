@@ -19,19 +19,22 @@ Docker image's first start).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
+
+import torch
 
 import engine
 from engine.build import ENGINE_VERSION
 from engine.data import idx
 from engine.runinfo import RUN_FILE
 
-__all__ = ["DEFAULT_FASHION_TRAIN", "FALLBACK_HINT", "FASHION_TEST_SIZE", "FASHION_TRAIN_SIZE",
+__all__ = ["DEFAULT_FASHION_TRAIN", "DEMO_THREADS", "FALLBACK_HINT", "FASHION_TEST_SIZE", "FASHION_TRAIN_SIZE",
            "DemoSpec", "choose_spec", "demo", "fashion_mnist_installed", "main", "prepare_demo",
            "stale_reason"]
 
@@ -41,6 +44,11 @@ FASHION_TEST_SIZE = 500  # test images shown on the pages
 # minute on two cores (test accuracy ~0.82 on the 500 test images; the engine's defaults train
 # longer for a θ̂ nearer stationarity).
 DEFAULT_FASHION_TRAIN: Mapping[str, Any] = {"epochs": 15, "polish_s": 10.0}
+# PyTorch CPU threads while the demo builds. Its cnn is small, so one thread loses little on an
+# idle machine, and on a busy one a parallel operator waits for its slowest thread: on 2 cores
+# under load 11-13, the same Fashion-MNIST build took 31 s with one thread and 88 s with two
+# (gradients 1.0 s vs 19.2 s, EK-FAC 3.4 s vs 37.8 s; the same θ̂ and accuracy).
+DEMO_THREADS = 1
 FALLBACK_HINT = (f"Fashion-MNIST is not installed (sudo apt-get install {idx.FASHION_MNIST_PACKAGE}); "
                  "serving the 8×8 digits demo instead")
 # Settings that do not change a run's numbers: a run built with others is still the demo's.
@@ -154,8 +162,20 @@ def prepare_demo(path: str | Path, *, rebuild: bool = False, train_size: int = F
                     return run
         print(f"rebuilding the demo run {path}: {reason}", file=err)
     print(f"building the demo run {path}: {spec.title}", file=err)
-    return engine.build(spec.data, spec.model, path, force=path.exists(), progress=progress,
-                        **spec.options)
+    with _threads(DEMO_THREADS):
+        return engine.build(spec.data, spec.model, path, force=path.exists(), progress=progress,
+                            **spec.options)
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """At most ``n`` PyTorch intra-op threads inside the block (never more than now)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(n, before)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def demo(host: str, port: int, *, rebuild: bool = False, path: str | Path | None = None) -> int:

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 import engine
 from app import demo as demo_module
@@ -74,9 +75,23 @@ def test_choose_spec_follows_the_installed_files(tmp_path: Path, monkeypatch: py
     assert "apt-get install dataset-fashion-mnist" in hint and "\n" not in hint
 
 
-def test_builds_a_fashion_network_with_class_names_then_reuses_it(installed: Path, tmp_path: Path) -> None:
+def test_builds_a_fashion_network_with_class_names_then_reuses_it(
+        installed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "runs" / "demo"
-    run, lines = prepare(path)
+    threads, real_build = [], engine.build
+
+    def build(*args: Any, **kw: Any) -> engine.Run:
+        threads.append(torch.get_num_threads())
+        return real_build(*args, **kw)
+
+    monkeypatch.setattr(engine, "build", build)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run, lines = prepare(path)
+        assert threads == [demo_module.DEMO_THREADS] and torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(before)
     info = run.info
     assert (info.config.data, info.model.kind) == ("fashion-mnist", engine.ModelKind.CNN)
     assert info.config.ihvp is engine.IHVPMethod.EKFAC
