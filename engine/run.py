@@ -149,6 +149,14 @@ class Run:
 
         return self.cache.get(("ensemble-scores", i, method[0].value, method[1]), compute)
 
+    def member_scores(self, test_index: int, ihvp: str | IHVPMethod | None = None) -> np.ndarray:
+        """Each model's own ``I_up,loss`` of one test point, float64 (N, n_train): row j is
+        ensemble member j's (one row for a single model); :meth:`scores` is their mean."""
+        i = int(check_indices(test_index, self.n_test, "test")[0])
+        if self.ensemble is None:
+            return self._own_scores(np.array([i]), ihvp, None).T
+        return self._member_scores(i, ihvp)[0]
+
     def self_influence(self, ihvp: str | IHVPMethod | None = None) -> np.ndarray:
         """``I_up,loss(z_i, z_i)`` for every training point, float64 (n_train,), cached (on an
         ensemble, the mean of the members' own)."""

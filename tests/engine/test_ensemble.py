@@ -62,6 +62,7 @@ def test_scores_are_the_mean_of_the_members_own(ens: engine.Run, tmp_path: Path)
     own = np.stack([m.scores(TESTS) for m in members])  # (N, n, m)
     np.testing.assert_allclose(ens.scores(TESTS), own.mean(0), rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(ens.scores([5])[:, 0], own[:, :, 1].mean(0), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(ens.member_scores(5), own[:, :, 1], rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(ens.self_influence(), np.mean([m.self_influence() for m in members], 0),
                                rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(ens.train_influence(7), np.mean([m.train_influence(7) for m in members], 0),
@@ -162,6 +163,7 @@ def test_a_single_model_has_no_consistency(blobs_run: engine.Run) -> None:
     out = blobs_run.explain(0, top=3)
     assert "ensemble" not in out and blobs_run.ensemble is None
     assert all("consistency" not in r for r in out["helpful"] + out["harmful"])
+    np.testing.assert_allclose(blobs_run.member_scores(0), blobs_run.scores([0]).T)
 
 
 @pytest.mark.parametrize(("model", "ensemble", "message"), [
