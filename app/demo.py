@@ -3,7 +3,7 @@
 The demo shows real photographs when it can: with Debian's ``dataset-fashion-mnist`` installed
 (the files under :data:`engine.data.idx.FASHION_MNIST_DIR`) it builds the built-in ``cnn`` on a
 seeded, stratified Fashion-MNIST subset (:data:`FASHION_TRAIN_SIZE` training and
-:data:`FASHION_TEST_SIZE` test images, EK-FAC curvature, about a minute on two cores). Without the
+:data:`FASHION_TEST_SIZE` test images, EK-FAC curvature; built in 26-34 s on two busy cores). Without the
 package it prints :data:`FALLBACK_HINT` (one line) and builds the 8×8 digits with logistic
 regression, as before.
 
@@ -41,13 +41,13 @@ __all__ = ["DEFAULT_FASHION_TRAIN", "DEMO_THREADS", "FALLBACK_HINT", "FASHION_TE
 FASHION_TRAIN_SIZE = 2000  # training images of the Fashion-MNIST demo (a seeded, stratified subset)
 FASHION_TEST_SIZE = 500  # test images shown on the pages
 # The demo's network training: 15 Adam epochs and a short L-BFGS polish keep a fresh build near a
-# minute on two cores (test accuracy ~0.82 on the 500 test images; the engine's defaults train
-# longer for a θ̂ nearer stationarity).
+# half-minute on two cores (test accuracy 0.80-0.82 on the 500 test images; the engine's defaults
+# train longer for a θ̂ nearer stationarity).
 DEFAULT_FASHION_TRAIN: Mapping[str, Any] = {"epochs": 15, "polish_s": 10.0}
 # PyTorch CPU threads while the demo builds. Its cnn is small, so one thread loses little on an
 # idle machine, and on a busy one a parallel operator waits for its slowest thread: on 2 cores
 # under load 11-13, the same Fashion-MNIST build took 31 s with one thread and 88 s with two
-# (gradients 1.0 s vs 19.2 s, EK-FAC 3.4 s vs 37.8 s; the same θ̂ and accuracy).
+# (gradients 1.0 s vs 19.2 s, EK-FAC 3.4 s vs 37.8 s; the same test accuracy).
 DEMO_THREADS = 1
 FALLBACK_HINT = (f"Fashion-MNIST is not installed (sudo apt-get install {idx.FASHION_MNIST_PACKAGE}); "
                  "serving the 8×8 digits demo instead")
@@ -59,7 +59,7 @@ IGNORED_SETTINGS = ("device", "chunk_size")
 class DemoSpec:
     """What the demo builds: ``engine.build(data, model, out, **options)``."""
 
-    title: str  # for messages, e.g. "Fashion-MNIST (2,000 training images), cnn, EK-FAC"
+    title: str  # for messages, e.g. "Fashion-MNIST (2,000 training / 500 test images), cnn, EK-FAC"
     data: str
     model: str
     options: Mapping[str, Any]
