@@ -19,19 +19,17 @@ Docker image's first start).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
-
-import torch
 
 import engine
 from engine.build import ENGINE_VERSION
 from engine.data import idx
+from engine.models.threads import intra_op_threads
 from engine.runinfo import RUN_FILE
 
 __all__ = ["DEFAULT_FASHION_TRAIN", "DEMO_THREADS", "FALLBACK_HINT", "FASHION_TEST_SIZE", "FASHION_TRAIN_SIZE",
@@ -162,20 +160,9 @@ def prepare_demo(path: str | Path, *, rebuild: bool = False, train_size: int = F
                     return run
         print(f"rebuilding the demo run {path}: {reason}", file=err)
     print(f"building the demo run {path}: {spec.title}", file=err)
-    with _threads(DEMO_THREADS):
+    with intra_op_threads(DEMO_THREADS):  # the whole build, not only training
         return engine.build(spec.data, spec.model, path, force=path.exists(), progress=progress,
                             **spec.options)
-
-
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    """At most ``n`` PyTorch intra-op threads inside the block (never more than now)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(n, before)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def demo(host: str, port: int, *, rebuild: bool = False, path: str | Path | None = None) -> int:
