@@ -9,23 +9,14 @@ from scratch on seeded random halves, cached in the base run folder. Every metho
 ``--tests`` test points (drawn as ``engine.lds.lds`` draws them) against the same θ̂, and its LDS
 is ``engine.lds.lds_score`` of those scores on the same halves (loss and margin outputs).
 
-Ours, each in a fresh subprocess of this script (``--worker``), timed from the data to the scores
-(``engine.build`` + ``run.scores``) with θ̂ given: networks are rebuilt as the user model
-``quality_models:fmnist_cnn`` / ``quality_bench:small_resnet`` with θ̂'s ``state_dict`` (the very
-same θ̂; no training); logreg is retrained to its unique optimum and its ``train_s`` is taken off.
-Methods: exact, cg, lissa (full store), fisher and ekfac (full store), dense and Kronecker
-projection to ``--project`` K with the fisher (and Kronecker with EK-FAC) curvature, and
-ensembles of 1 and 5 independently trained models (``ensemble=N``, when ``engine.ensemble`` exists;
-their time includes training all N models, since the ensemble is the method).
-
-Peers, in their own venv (``bench/quality_peers.py``, same θ̂, data and test points through
-``engine.open_run`` of the base run; fit + scores timed in that process), converted to our
-I_up,loss sign (positive = harmful; only the sign matters to a Spearman correlation):
-kronfluence 1.0.1 EK-FAC (``−rawᵀ``: its positive is helpful), TRAK via traker 0.3.2 on its CPU
-``BasicProjector`` with one checkpoint = θ̂ (``−raw``: its positive helps the margin), captum
-0.9.0 ``TracInCP`` with θ̂ as its one checkpoint (``−rawᵀ``: positive = proponent). Each method
-runs under ``--method-timeout``; a result (scores + seconds) is cached in the work folder, so a
-rerun only computes what is missing (``--redo`` recomputes the named methods).
+Ours, each in a fresh subprocess (``--worker``), timed from the data to the scores (``engine.build``
++ ``run.scores``) with θ̂ given: networks are rebuilt as the user model ``quality_models:fmnist_cnn``
+/ ``quality_bench:small_resnet`` from θ̂'s ``state_dict``; logreg retrains to its unique optimum and
+its ``train_s`` is taken off. Ensembles (``ensemble=N``, networks) include training all N models.
+Peers, in their own venv (``bench/quality_peers.py``: the same θ̂, data and test points through
+``engine.open_run`` of the base run; fit + scores timed there), converted to our sign by
+:data:`PEERS`. Every method runs under ``--method-timeout``; its scores and seconds are cached in
+the work folder, so a rerun computes only what is missing (``--redo NAMES`` recomputes).
 
 Set up the peers' venv (``bench/.venv-quality`` must be git-ignored) and run::
 
@@ -34,15 +25,13 @@ Set up the peers' venv (``bench/.venv-quality`` must be git-ignored) and run::
     bench/.venv-quality/bin/pip install torch==2.13.0 -r bench/quality-requirements.txt   # in ONE command
     bench/.venv-quality/bin/pip uninstall -y torchvision                    # a peer pulls it; it breaks, unused
     .venv/bin/python bench/quality_bench.py --quick                         # logreg smoke test, minutes
-    .venv/bin/python bench/quality_bench.py --models cnn --train-size 5000 --subsets 20 --threads 1
-    # -> bench/results/quality_bench.json and a table
+    .venv/bin/python bench/quality_bench.py --models cnn --train-size 5000 --subsets 20   # -> bench/results/
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -99,20 +88,20 @@ class Method:
 
 def methods(project: int) -> list[Method]:
     k = project
-    return [
+    return [  # cheap ones first, so that a stop or a timeout leaves the most rows
         Method("exact", "ours", {"ihvp": "exact"}, models=("logreg",)),
-        Method("cg", "ours", {"ihvp": "cg"}),
-        Method("lissa", "ours", {"ihvp": "lissa"}),
-        Method("fisher", "ours", {"ihvp": "fisher"}),
         Method("ekfac", "ours", {"ihvp": "ekfac"}),
+        Method("fisher", "ours", {"ihvp": "fisher"}),
         Method(f"dense K={k} fisher", "ours", {"ihvp": "fisher", "project": k, "projection": "dense"}),
         Method(f"kronecker K={k} fisher", "ours", {"ihvp": "fisher", "project": k, "projection": "kronecker"}),
         Method(f"kronecker K={k} ekfac", "ours", {"ihvp": "ekfac", "project": k, "projection": "kronecker"}),
-        Method("ensemble 1", "ours", {}, models=NETWORKS, ensemble=1),  # convex: every seed, one optimum
-        Method("ensemble 5", "ours", {}, models=NETWORKS, ensemble=5),
         Method("kronfluence ekfac", "kronfluence"),
         Method("trak (1 ckpt)", "trak", {"proj_dim": 2048}),
         Method("tracin (captum)", "tracin"),
+        Method("ensemble 1", "ours", {}, models=NETWORKS, ensemble=1),  # convex: every seed, one optimum
+        Method("cg", "ours", {"ihvp": "cg"}),
+        Method("lissa", "ours", {"ihvp": "lissa"}),
+        Method("ensemble 5", "ours", {}, models=NETWORKS, ensemble=5),
     ]
 
 
@@ -124,7 +113,6 @@ def slug(name: str) -> str:
 @dataclass
 class Case:
     """One model's base run, its θ̂ as a state_dict (networks), the test ids and the halves."""
-
     model: str
     folder: Path
     base: Any  # engine Run
@@ -134,30 +122,25 @@ class Case:
     settings: dict[str, Any]
 
 
-def train_config(args: argparse.Namespace, model: str) -> Any:
+def base_options(args: argparse.Namespace, model: str) -> dict[str, Any]:
+    """The build options every run of ``model`` shares (λ, δ, the data subset, the training recipe)."""
     from engine.config import TrainConfig
 
-    return TrainConfig(epochs=args.epochs, polish_s=args.polish_s, channels=qm.FMNIST_CHANNELS, width=RESNET_WIDTH) \
-        if model in NETWORKS else TrainConfig()
-
-
-def objective(args: argparse.Namespace, model: str) -> tuple[float, float]:
     lam, delta = OBJECTIVE[model]
-    return (lam if args.weight_decay is None else args.weight_decay, delta if args.damping is None else args.damping)
-
-
-def base_options(args: argparse.Namespace, model: str) -> dict[str, Any]:
-    lam, delta = objective(args, model)
-    return {"weight_decay": lam, "damping": delta, "train_size": args.train_size, "test_size": args.test_size,
-            "seed": args.seed, "train": train_config(args, model), "device": "cpu"}
+    train = TrainConfig(epochs=args.epochs, polish_s=args.polish_s, channels=qm.FMNIST_CHANNELS, width=RESNET_WIDTH)
+    return {"weight_decay": lam if args.weight_decay is None else args.weight_decay,
+            "damping": delta if args.damping is None else args.damping, "train_size": args.train_size,
+            "test_size": args.test_size, "seed": args.seed, "device": "cpu",
+            "train": train if model in NETWORKS else TrainConfig()}
 
 
 def prepare(args: argparse.Namespace, model: str) -> Case:
     import engine
     from engine import lds
 
+    opts = base_options(args, model)
     settings = {"model": model, "n_train": args.train_size, "n_test": args.test_size, "seed": args.seed,
-                **dict(zip(("weight_decay", "damping"), objective(args, model)))}
+                "weight_decay": opts["weight_decay"], "damping": opts["damping"]}
     if model in NETWORKS:
         settings.update(epochs=args.epochs, polish_s=args.polish_s)
     folder = args.work / "-".join(f"{k}{v}" for k, v in settings.items())
@@ -168,8 +151,7 @@ def prepare(args: argparse.Namespace, model: str) -> Case:
     else:
         cheap = {"ihvp": "exact"} if model == "logreg" else {"ihvp": "fisher", "project": 64,
                                                             "projection": "kronecker"}  # θ̂ is what counts
-        base = engine.build(data=DATA, model=model, out=base_path, force=True, progress=True, **cheap,
-                            **base_options(args, model))
+        base = engine.build(data=DATA, model=model, out=base_path, force=True, progress=True, **cheap, **opts)
     print(f"{model}: base run {base_path} ({time.perf_counter() - t:.0f} s; training "
           f"{base.info.timings.get('train_s', 0):.0f} s)", flush=True)
     weights = None
@@ -178,17 +160,39 @@ def prepare(args: argparse.Namespace, model: str) -> Case:
         obj = base.model.objective
         obj.load_flat(base.model.theta)
         torch.save({k: v.detach().clone() for k, v in obj.model.state_dict().items()}, weights)
-    t = time.perf_counter()
-    retrained = lds.retrain_outputs(base, subsets=args.subsets, fraction=args.fraction, seed=args.seed,
-                                    retraining="scratch", progress=True)
-    print(f"{model}: {args.subsets} halves ({retrained.seconds:.0f} s of retraining, "
-          f"{time.perf_counter() - t:.0f} s now)", flush=True)
     test_ids = np.sort(np.random.default_rng(args.seed).choice(base.n_test, size=args.tests, replace=False))
     np.save(folder / f"test_ids-{args.tests}.npy", test_ids)
     settings.update(subsets=args.subsets, fraction=args.fraction, tests=args.tests, n_params=base.model.n_params,
-                    train_s=base.info.timings.get("train_s"), retrain_s=retrained.seconds,
-                    ground_truth=retrained.ground_truth, training=base.info.training)
+                    train_s=base.info.timings.get("train_s"), training=base.info.training)
+    retrained = None
+    if not args.scores_only:
+        reuse_prefix(base, subsets=args.subsets, fraction=args.fraction, seed=args.seed)
+        retrained = lds.retrain_outputs(base, subsets=args.subsets, fraction=args.fraction, seed=args.seed,
+                                        retraining="scratch", progress=True)
+        settings.update(retrain_s=retrained.seconds, ground_truth=retrained.ground_truth)
     return Case(model, folder, base, weights, test_ids, retrained, settings)
+
+
+def reuse_prefix(base: Any, *, subsets: int, fraction: float, seed: int) -> None:
+    """Seed the cache of M halves from a larger cache whose first M halves are done: the masks of
+    ``subset_masks(n, subsets=M, seed=s)`` are the first M of any larger M' (one generator, drawn in
+    order) and half m always starts from init seed s + m, so its first M rows are the same models."""
+    from engine import lds
+
+    target = lds.cache_path(base, subsets=subsets, fraction=fraction, seed=seed, retraining="scratch")
+    if target.is_file():
+        return
+    masks = lds.subset_masks(base.n_train, subsets=subsets, fraction=fraction, seed=seed)  # (M, n)
+    for src in sorted(target.parent.glob(target.name.replace(f"-m{subsets}-", "-m*-"))):
+        with np.load(src) as f:
+            state = {k: f[k] for k in f.files}
+        if len(state["done"]) > subsets and state["done"][:subsets].all() \
+                and np.array_equal(state["masks"][:subsets], masks):
+            tmp = target.with_suffix(".tmp.npz")
+            np.savez(tmp, **{k: v[:subsets] for k, v in state.items()})
+            tmp.replace(target)
+            print(f"{base.path}: the first {subsets} halves taken from {src.name}", flush=True)
+            return
 
 
 # ---------------------------------------------------------------- one method, in a subprocess
@@ -268,11 +272,14 @@ def run_method(args: argparse.Namespace, case: Case, m: Method) -> dict[str, Any
     with np.load(out) as f:
         raw, seconds, version = f["raw"], float(f["seconds"]), str(f["version"])
         extra = {k: float(f[k]) for k in ("build_s", "scores_s", "train_s") if k in f.files}
-    scores = raw if m.library == "ours" else to_ours(raw, PEERS[m.library])  # (n_train, T)
+    conv = PEERS.get(m.library, Convention(1.0, False, "train_test", "ours"))
+    scores = conv.sign * (raw.T if conv.layout == "test_train" else raw)  # (n_train, T): our sign and layout
     res: dict[str, Any] = {"library": m.library, "version": version, "seconds": seconds, **extra,
                            "options": m.options, "ensemble": m.ensemble or None}
-    if m.library != "ours":
-        res["convention"] = PEERS[m.library].note
+    res["convention"] = conv.note
+    if case.retrained is None:  # --scores-only
+        print(f"{case.model}: {m.name}: {seconds:.1f} s", flush=True)
+        return res
     for output in ("loss", "margin"):
         found = (case.retrained.losses if output == "loss" else case.retrained.margins)[:, case.test_ids]  # (M, T)
         r = lds.lds_score(scores, case.retrained.masks, found, output=output, seed=args.seed)
@@ -281,17 +288,10 @@ def run_method(args: argparse.Namespace, case: Case, m: Method) -> dict[str, Any
     return res
 
 
-def to_ours(raw: np.ndarray, conv: Convention) -> np.ndarray:
-    """A peer's raw scores in our sign and layout (n_train, T)."""
-    arr = np.asarray(raw, dtype=np.float64)
-    return conv.sign * (arr.T if conv.layout == "test_train" else arr)
-
-
 # ---------------------------------------------------------------- summary and table
 def verdict(rows: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     """The issue's target: our best LDS (loss) at no more wall time ≥ the best peer's LDS."""
-    ok = {k: v for k, v in rows.items() if "error" not in v and v["loss"]["lds"] is not None
-          and np.isfinite(v["loss"]["lds"])}
+    ok = {k: v for k, v in rows.items() if "loss" in v and np.isfinite(v["loss"]["lds"])}
     peers = {k: v for k, v in ok.items() if v["library"] != "ours"}
     if not peers:
         return None
@@ -299,11 +299,10 @@ def verdict(rows: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     limit = peers[best_peer]["seconds"]
     ours = {k: v for k, v in ok.items() if v["library"] == "ours" and v["seconds"] <= limit}
     best_ours = max(ours, key=lambda k: ours[k]["loss"]["lds"]) if ours else None
-    met = best_ours is not None and ours[best_ours]["loss"]["lds"] >= peers[best_peer]["loss"]["lds"]
+    top = ours.get(best_ours, {"loss": {"lds": None}, "seconds": None})
     return {"best_peer": best_peer, "best_peer_lds": peers[best_peer]["loss"]["lds"], "best_peer_s": limit,
-            "best_ours_within_time": best_ours,
-            "best_ours_lds": ours[best_ours]["loss"]["lds"] if best_ours else None,
-            "best_ours_s": ours[best_ours]["seconds"] if best_ours else None, "met": met}
+            "best_ours_within_time": best_ours, "best_ours_lds": top["loss"]["lds"], "best_ours_s": top["seconds"],
+            "met": best_ours is not None and top["loss"]["lds"] >= peers[best_peer]["loss"]["lds"]}
 
 
 def table(report: dict[str, Any]) -> str:
@@ -312,11 +311,11 @@ def table(report: dict[str, Any]) -> str:
         s = c["settings"]
         lines += ["", (f"{model}: Fashion-MNIST {s['n_train']} train / {s['n_test']} test, {s['n_params']} params, "
                        f"λ={s['weight_decay']:g} δ={s['damping']:g}; M={s['subsets']} halves (retrained from scratch, "
-                       f"{s['retrain_s']:.0f} s), T={s['tests']} test points; θ̂ trained in {s['train_s'] or 0:.0f} s"),
+                       f"{s.get('retrain_s', 0):.0f} s), T={s['tests']} test points; θ̂ trained in {s['train_s'] or 0:.0f} s"),
                   f"{'method':<24} {'LDS loss':>9} {'95% CI':>16} {'LDS margin':>10} {'wall s':>8}  notes"]
         for name, r in c["methods"].items():
-            if "error" in r:
-                lines.append(f"{name:<24} {'-':>9} {'':>16} {'-':>10} {'-':>8}  {r['error'][:110]}")
+            if "loss" not in r:
+                lines.append(f"{name:<24} {'-':>9} {'':>16} {'-':>10} {'-':>8}  {r.get('error', 'no LDS')[:110]}")
                 continue
             lo, hi = r["loss"]["ci95"]
             note = r["library"] if r["library"] != "ours" else ""
@@ -355,6 +354,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of every method's process")
     ap.add_argument("--method-timeout", type=float, default=900.0, help="seconds per method")
     ap.add_argument("--redo", default="", help="comma-separated method names to recompute ('all')")
+    ap.add_argument("--scores-only", action="store_true",
+                    help="compute and cache the methods' scores only (no retraining, no LDS): beside a run that retrains")
     ap.add_argument("--quick", action="store_true", help="smoke: logreg on 1,000/200, M=8, T=20")
     ap.add_argument("--work", type=Path, default=WORK)
     ap.add_argument("--json", type=Path, default=RESULTS)
@@ -371,13 +372,11 @@ def main() -> None:
         return
     args = parse()
     torch.set_num_threads(args.threads)
-    has_ensemble = importlib.util.find_spec("engine.ensemble") is not None
     wanted = None if args.methods is None else set(args.methods.split(","))
-    report: dict[str, Any] = {"threads": args.threads, "load_start": qm.load_average(), "machine": machine_info(),
+    load = qm.load_average()
+    report: dict[str, Any] = {"threads": args.threads, "load_start": load, "load_end": load, "machine": machine_info(),
                               "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                               "cases": {}}
-    if not PEER_PYTHON.is_file():
-        print(f"no peers' venv at {PEER_PYTHON}: peers are skipped (see the docstring)", flush=True)
     for model in args.models.split(","):
         case = prepare(args, model)
         rows: dict[str, dict[str, Any]] = {}
@@ -385,9 +384,7 @@ def main() -> None:
         for m in methods(args.project):
             if model not in m.models or (wanted is not None and m.name not in wanted):
                 continue
-            if m.ensemble and not has_ensemble:
-                rows[m.name] = {"library": "ours", "error": "no engine.ensemble yet (build --ensemble)"}
-            elif m.library != "ours" and not PEER_PYTHON.is_file():
+            if m.library != "ours" and not PEER_PYTHON.is_file():
                 rows[m.name] = {"library": m.library, "error": f"no peers' venv {PEER_PYTHON}"}
             else:
                 rows[m.name] = run_method(args, case, m)
@@ -395,8 +392,6 @@ def main() -> None:
             report["load_end"] = qm.load_average()
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(report, indent=2, default=str))  # partial results survive a stop
-    report["load_end"] = qm.load_average()
-    args.json.write_text(json.dumps(report, indent=2, default=str))
     print(table(report))
     print(f"wrote {args.json}")
 
