@@ -31,13 +31,12 @@ Set up the peers' venv (``bench/.venv-quality`` must be git-ignored) and run::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -217,7 +216,8 @@ def worker(request: dict[str, Any]) -> None:
     total = time.perf_counter() - t
     given = float(run.info.timings.get("train_s", 0.0)) if request["theta_given"] else 0.0
     np.savez(request["out"], raw=scores, seconds=total - given, build_s=built, scores_s=total - built,
-             train_s=float(run.info.timings.get("train_s", 0.0)), version="ours", torch=torch.__version__)
+             train_s=float(run.info.timings.get("train_s", 0.0)), version="ours", torch=torch.__version__,
+             load=qm.load_average()[0])  # the machine's 1-minute load average as it finished
     shutil.rmtree(out, ignore_errors=True)
 
 
@@ -229,7 +229,7 @@ def request_for(args: argparse.Namespace, case: Case, m: Method, out: Path) -> t
         request.update(peer=m.library, settings=m.options, run=str(case.base.path))
         return [str(PEER_PYTHON), str(ROOT / "bench" / "quality_peers.py")], request
     options = {**base_options(args, case.model), **m.options}
-    options["train"] = dataclasses.asdict(options["train"])
+    options["train"] = asdict(options["train"])
     builtin = m.ensemble > 0 or case.model not in NETWORKS
     if m.ensemble > 0:
         options.update(ensemble=m.ensemble, ihvp="exact" if case.model == "logreg" else "ekfac")
@@ -271,7 +271,7 @@ def run_method(args: argparse.Namespace, case: Case, m: Method) -> dict[str, Any
             return {"library": m.library, "error": err.read_text().strip()}
     with np.load(out) as f:
         raw, seconds, version = f["raw"], float(f["seconds"]), str(f["version"])
-        extra = {k: float(f[k]) for k in ("build_s", "scores_s", "train_s") if k in f.files}
+        extra = {k: float(f[k]) for k in ("build_s", "scores_s", "train_s", "load") if k in f.files}
     conv = PEERS.get(m.library, Convention(1.0, False, "train_test", "ours"))
     scores = conv.sign * (raw.T if conv.layout == "test_train" else raw)  # (n_train, T): our sign and layout
     res: dict[str, Any] = {"library": m.library, "version": version, "seconds": seconds, **extra,
@@ -312,17 +312,16 @@ def table(report: dict[str, Any]) -> str:
         lines += ["", (f"{model}: Fashion-MNIST {s['n_train']} train / {s['n_test']} test, {s['n_params']} params, "
                        f"λ={s['weight_decay']:g} δ={s['damping']:g}; M={s['subsets']} halves (retrained from scratch, "
                        f"{s.get('retrain_s', 0):.0f} s), T={s['tests']} test points; θ̂ trained in {s['train_s'] or 0:.0f} s"),
-                  f"{'method':<24} {'LDS loss':>9} {'95% CI':>16} {'LDS margin':>10} {'wall s':>8}  notes"]
+                  f"{'method':<24} {'LDS':>7} {'95% CI':>16} {'wall s':>8}  notes"]
         for name, r in c["methods"].items():
             if "loss" not in r:
-                lines.append(f"{name:<24} {'-':>9} {'':>16} {'-':>10} {'-':>8}  {r.get('error', 'no LDS')[:110]}")
+                lines.append(f"{name:<24} {'-':>7} {'':>16} {'-':>8}  {r.get('error', 'no LDS')[:110]}")
                 continue
             lo, hi = r["loss"]["ci95"]
-            note = r["library"] if r["library"] != "ours" else ""
+            note = ("" if r["library"] == "ours" else r["library"]) + (f" (load {r['load']:.0f})" if "load" in r else "")
             if r.get("ensemble"):
-                note = f"includes training {r['ensemble']} model(s)"
-            lines.append(f"{name:<24} {r['loss']['lds']:>9.3f} {f'[{lo:.3f}, {hi:.3f}]':>16} "
-                         f"{r['margin']['lds']:>10.3f} {r['seconds']:>8.1f}  {note}")
+                note += f" includes training {r['ensemble']} model(s)"
+            lines.append(f"{name:<24} {r['loss']['lds']:>7.3f} {f'[{lo:.3f}, {hi:.3f}]':>16} {r['seconds']:>8.1f}  {note}")
         v = c.get("verdict")
         if v:
             lines.append(f"target (best peer {v['best_peer']}: LDS {v['best_peer_lds']:.3f} in {v['best_peer_s']:.1f} s): "
@@ -332,7 +331,8 @@ def table(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines.append(f"\nmachine: {m['cpu']}, {m['cores']} cores, torch threads {report['threads']}; load average "
                  f"{report['load_start'][0]:.1f} at start, {report['load_end'][0]:.1f} at end; wall s = data → scores "
-                 "with θ̂ given (ours: build + scores; peers: fit + scores in their venv)")
+                 "with θ̂ given (ours: build + scores; peers: fit + scores in their venv); LDS of the test loss "
+                 "(= softplus(−margin), so the margin's LDS, in the JSON, ranks the same)")
     return "\n".join(lines)
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -167,7 +168,8 @@ def main() -> None:
         else:
             raw = tracin_raw(module, train, test, folder=Path(tmp))
         seconds = time.perf_counter() - t
-    np.savez(request["out"], raw=raw, seconds=seconds, version=version(DIST[peer]), torch=torch.__version__)
+    np.savez(request["out"], raw=raw, seconds=seconds, version=version(DIST[peer]), torch=torch.__version__,
+             load=os.getloadavg()[0])  # the machine's 1-minute load average as it finished
     print(f"{peer}: raw {raw.shape} in {seconds:.1f} s", flush=True)
 
 
