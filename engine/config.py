@@ -109,7 +109,7 @@ class TrainConfig:
     """
 
     epochs: int = 150  # at most this many epochs (small data sets)
-    max_samples: int = 300_000  # and at most ⌈this / n⌉ epochs: per-sample gradients of the epochs (0: no cap)
+    max_samples: int = 200_000  # and at most ⌈this / n⌉ epochs: per-sample gradients of the epochs (0: no cap)
     lr: float = 1e-2
     batch_size: int = 64
     schedule: str = "cosine"  # cosine (learning rate annealed to 0 over the epochs) or constant
