@@ -130,5 +130,11 @@ def test_a_network_records_its_control_retraining(tmp_path: Path) -> None:
         assert 1 <= len(row["tried"]) <= search_steps(2) and row["max_k"] <= 2
 
 
+def test_a_search_with_no_helpful_point_tries_nothing() -> None:
+    from engine.brittle import _search
+
+    assert _search(lambda k: 1 / 0, max_k=0, before=0) == (None, []) and search_steps(0) == 0
+
+
 def test_load_brittleness_of_an_unchecked_folder_is_none(tmp_path: Path) -> None:
     assert load_brittleness(tmp_path) is None
