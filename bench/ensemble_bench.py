@@ -10,7 +10,8 @@ and 500 test images, the build's defaults otherwise), then reports:
   members that agree on a listed point (same sign as the mean and in their own top-k), the share
   of listed points every member agrees on and that at most one agrees on; and how much two
   single models' top-k lists overlap (|A ∩ B| / k, over every pair of members), and how much one
-  model's list overlaps the ensemble's.
+  model's list overlaps the ensemble's; and the Pearson and Spearman correlation of two members'
+  scores over every training point.
 
 Prints a table and writes JSON (default bench/results/ensemble_bench.json).
 
@@ -52,7 +53,7 @@ def measure(run: engine.Run, single: engine.Run, *, tests: np.ndarray, top: int)
     single.explain(int(tests[0]), top=top)
     first_single = time.perf_counter() - t
     warm_ens, warm_single, agree, all_agree, at_most_one = [], [], [], [], []
-    pair_overlap, single_vs_ens = [], []
+    pair_overlap, single_vs_ens, pearson, spearman = [], [], [], []
     for i in tests[1:]:
         t = time.perf_counter()
         out = run.explain(int(i), top=top)
@@ -66,7 +67,12 @@ def measure(run: engine.Run, single: engine.Run, *, tests: np.ndarray, top: int)
         all_agree.append(np.mean([c == n for c in counts]))
         at_most_one.append(np.mean([c <= 1 for c in counts]))
         ens_sets = ({r["train_id"] for r in out["helpful"]}, {r["train_id"] for r in out["harmful"]})
-        own = [_top_ids(s, top) for s in run.member_scores(int(i))]  # (N, n): cached by explain
+        per = run.member_scores(int(i))  # (N, n): cached by explain
+        own = [_top_ids(s, top) for s in per]
+        ranks = np.argsort(np.argsort(per, axis=1), axis=1)  # (N, n) ranks for Spearman
+        for a, b in itertools.combinations(range(len(per)), 2):
+            pearson.append(np.corrcoef(per[a], per[b])[0, 1])
+            spearman.append(np.corrcoef(ranks[a], ranks[b])[0, 1])
         for a, b in itertools.combinations(own, 2):
             pair_overlap.append(np.mean([len(a[s] & b[s]) / top for s in (0, 1)]))
         single_vs_ens.append(np.mean([len(own[0][s] & ens_sets[s]) / top for s in (0, 1)]))
@@ -75,7 +81,9 @@ def measure(run: engine.Run, single: engine.Run, *, tests: np.ndarray, top: int)
             "mean_agree": float(np.mean(agree)), "all_agree_share": float(np.mean(all_agree)),
             "at_most_one_share": float(np.mean(at_most_one)),
             "pairwise_topk_overlap": float(np.mean(pair_overlap)),
-            "single_vs_ensemble_topk_overlap": float(np.mean(single_vs_ens)), "tests": len(tests) - 1}
+            "single_vs_ensemble_topk_overlap": float(np.mean(single_vs_ens)),
+            "pairwise_pearson": float(np.mean(pearson)), "pairwise_spearman": float(np.mean(spearman)),
+            "tests": len(tests) - 1}
 
 
 def main() -> None:
@@ -128,6 +136,8 @@ def main() -> None:
         (f"top-{a.top}: listed points ≤ 1 member agrees on", f"{found['at_most_one_share']:.3f}"),
         (f"top-{a.top} overlap, two single models", f"{found['pairwise_topk_overlap']:.3f}"),
         (f"top-{a.top} overlap, one model vs ensemble", f"{found['single_vs_ensemble_topk_overlap']:.3f}"),
+        ("all scores, two single models", (f"Pearson {found['pairwise_pearson']:.3f}, "
+                                          f"Spearman {found['pairwise_spearman']:.3f}")),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
