@@ -144,10 +144,16 @@ def _print_explain(result: dict[str, Any]) -> None:
     print(f"test point {result['test_id']}: label {result['label']}, "
           f"predicted {result['predicted']} (p = {max(result['probabilities']):.3f}), "
           f"ihvp {result['ihvp']['method']}")
+    ens = result.get("ensemble")
+    if ens:
+        print(f"  averaged over {ens['members']} models (seeds {', '.join(map(str, ens['seeds']))}); "
+              f"'agree a/N': the models that score it on this side and in their own top {len(result['helpful'])}")
     for kind in ("helpful", "harmful"):
         print(f"  {kind}:")
         for row in result[kind]:
-            print(f"    train {row['train_id']:>7}  label {row['label']:>3}  score {row['score']:+.6g}")
+            c = row.get("consistency")
+            agree = f"  agree {c['agree_count']}/{c['members']}" if c else ""
+            print(f"    train {row['train_id']:>7}  label {row['label']:>3}  score {row['score']:+.6g}{agree}")
 
 
 def _group(run: Any, args: argparse.Namespace) -> None:

@@ -117,6 +117,7 @@ class Dashboard:
             "accuracy": float((y == pred).mean()),
             "confusion": confusion.tolist(),
             "ihvp_report": run.ihvp_report(ihvp),
+            "ensemble": run.info.raw.get("ensemble"),
         }
 
     # ------------------------------------------------------------------ test points

@@ -23,6 +23,7 @@ reported in ``I_up,loss`` units too: ``influence = −n · predicted_loss_change
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -55,7 +56,18 @@ def group_influence(run: Run, train_ids: Sequence[int], test_ids: Sequence[int],
                     order: int = 1, ihvp: str | IHVPMethod | None = None) -> GroupResult:
     """Predicted effect of removing the training points ``train_ids`` (a set: repeats count once)
     on the loss of each test point in ``test_ids`` (in the given order); ``.to_dict()`` is the
-    REST group-influence shape."""
+    REST group-influence shape. On an ensemble run (:mod:`engine.ensemble`), the mean of the
+    members' own predictions (each with its own θ̂, store and solver)."""
+    if run.ensemble is None:
+        return _one_model(run, train_ids, test_ids, order=order, ihvp=ihvp)
+    parts = [_one_model(m, train_ids, test_ids, order=order, ihvp=ihvp) for m in run.ensemble.members()]
+    change = np.mean([p.predicted_loss_change for p in parts], axis=0)  # (m,)
+    return dataclasses.replace(parts[0], predicted_loss_change=change, influence=-run.n_train * change)
+
+
+def _one_model(run: Run, train_ids: Sequence[int], test_ids: Sequence[int], *, order: int,
+               ihvp: str | IHVPMethod | None) -> GroupResult:
+    """:func:`group_influence` of one model (the run's own, ignoring ensemble members)."""
     if order not in GROUP_ORDERS:
         raise QueryError(f"order must be 1 or 2, got {order!r}")
     if len(train_ids) == 0:

@@ -84,3 +84,22 @@ def test_the_test_point_page_shows_the_consistency(ens_client: TestClient) -> No
     assert f"averaged over <strong>{MEMBERS} independently trained models" in r.text
     assert "/static/ensemble.css" in r.text
     assert ens_client.get("/static/ensemble.css").status_code == 200
+
+
+def test_the_overview_and_summary_name_the_ensemble(ens_client: TestClient) -> None:
+    summary = ens_client.get("/api/v1/summary").json()
+    assert summary["ensemble"]["members"] == MEMBERS and len(summary["ensemble"]["test_accuracy"]) == MEMBERS
+    page = ens_client.get("/").text
+    assert f"{MEMBERS} independently seeded models" in page and 'id="ensemble"' in page
+
+
+def test_cli_explain_prints_the_agreement(ens_client: TestClient, capsys: pytest.CaptureFixture[str]) -> None:
+    from app.cli import main
+
+    run = ens_client.app.state.settings.run if hasattr(ens_client.app.state, "settings") else None
+    if run is None:
+        pytest.skip("the app does not expose its run folder")
+    assert main(["explain", "--run", str(run), "--test-index", "3", "--top", "4"]) == 0
+    out = capsys.readouterr().out
+    assert f"averaged over {MEMBERS} models" in out
+    assert out.count(f"/{MEMBERS}") == 8  # every listed row says how many models agree

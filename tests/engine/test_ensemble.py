@@ -74,6 +74,21 @@ def test_scores_are_the_mean_of_the_members_own(ens: engine.Run, tmp_path: Path)
     assert np.abs(own[0] - own[1]).max() > 1e-3 * np.abs(own[0]).max()
 
 
+def test_group_influence_averages_the_members(ens: engine.Run, tmp_path: Path) -> None:
+    from engine.group import group_influence
+
+    group = [1, 4, 9, 30]
+    first = group_influence(ens, group, TESTS, order=1)
+    # order 1 is −Σ_U I/n of the averaged scores
+    np.testing.assert_allclose(first.predicted_loss_change, -ens.scores(TESTS)[group].sum(0) / ens.n_train,
+                               rtol=1e-9, atol=1e-12)
+    members = _alone(ens, tmp_path)
+    second = group_influence(ens, group, TESTS, order=2)
+    own = np.mean([group_influence(m, group, TESTS, order=2).predicted_loss_change for m in members], 0)
+    np.testing.assert_allclose(second.predicted_loss_change, own, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(second.influence, -ens.n_train * own, rtol=1e-9, atol=1e-10)
+
+
 def test_run_json_records_the_members(ens: engine.Run) -> None:
     meta = ens.info.raw["ensemble"]
     assert meta["members"] == N and meta["seeds"] == [0, 1, 2]
