@@ -174,8 +174,7 @@ def brittleness(run: Run, *, test_index: int | Sequence[int] | None = None, test
     that tightens as searches end early. Returns (and with ``save`` writes to
     ``brittleness.json``) ``{"results": [{"test_id", "label", "predicted", "k", "max_k",
     "tried": [{"k", "predicted", "flipped"}], "ground_truth", "control_flipped"}], "ihvp",
-    "seconds", "created"}``
-    with ``k`` None when no k ≤ max_k flips the prediction.
+    "seconds", "created"}``, ``k`` None when no k ≤ max_k flips the prediction.
     """
     t0 = time.perf_counter()
     if max_k is not None and max_k < 1:
