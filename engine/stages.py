@@ -108,9 +108,10 @@ def ekfac_factors(space: GradientSpace, x: torch.Tensor, y: torch.Tensor, store:
     """EK-FAC's factors (as tensors, for ``curvature.pt``) of the tracked layers, in the store's
     space: the Kronecker-projected (ã, δ̃) of a Kronecker store, the raw (a, δ) per group of a
     full one. Store coordinates outside every layer block (exact modules' gradients) get the
-    diagonal correction ``E_i[g_ij²]`` from the store rows. Two capture passes over x, with at most
-    ``threads`` intra-op threads (0: half the cores; on a loaded 2-core machine one thread
-    captured 680–810 images/s, two 71–217)."""
+    diagonal correction ``E_i[g_ij²]`` from the store rows. One capture pass over x for the
+    covariances, with at most ``threads`` intra-op threads (0: half the cores; on a loaded 2-core
+    machine one thread captured 680–810 images/s, two 71–217); Λ from the store's rows, which
+    already hold each sample's G_i (or G̃_i), instead of a second pass through the model."""
     obj, selection, kron = space.objective, space.selection, space.kronecker
     if selection is None:
         from .grads.layers import select_modules
@@ -129,10 +130,9 @@ def ekfac_factors(space: GradientSpace, x: torch.Tensor, y: torch.Tensor, store:
             acc.update(store.rows(slice(start, start + 4096)))
         diagonal = acc.diagonal()
     x, y = x.to(obj.device, obj.dtype), y.to(obj.device)
-    passes = iter(("covariances", "eigenvalue correction"))
 
     def batches() -> Iterator[Batch]:
-        with tqdm(total=len(x), desc=f"ekfac {next(passes)}", unit="img", disable=not progress,
+        with tqdm(total=len(x), desc="ekfac covariances", unit="img", disable=not progress,
                   file=sys.stderr) as bar, space.hooks():
             for start in range(0, len(x), EKFAC_CHUNK):
                 rows = slice(start, start + EKFAC_CHUNK)
@@ -145,7 +145,16 @@ def ekfac_factors(space: GradientSpace, x: torch.Tensor, y: torch.Tensor, store:
                         yield from split_groups(name, lc.a, lc.delta)
                 bar.update(rows.stop - rows.start if rows.stop <= len(x) else len(x) - start)
 
+    def store_rows() -> Iterator[torch.Tensor]:
+        n = store.shape[0]
+        with tqdm(total=n, desc="ekfac eigenvalue correction", unit="img", disable=not progress,
+                  file=sys.stderr) as bar:
+            for start in range(0, n, EKFAC_CHUNK):
+                block = store.rows(slice(start, min(start + EKFAC_CHUNK, n)))  # (b, dim)
+                yield block.to(obj.device)
+                bar.update(block.shape[0])
+
     with intra_op_threads(threads):
-        factors = fit_ekfac(batches, layout, dim=dim, rest_diagonal=diagonal, dtype=obj.dtype,
-                            device=obj.device)
+        factors = fit_ekfac(batches, layout, dim=dim, rest_diagonal=diagonal, rows=store_rows,
+                            dtype=obj.dtype, device=obj.device)
     return ekfac_tensors(factors)
