@@ -337,7 +337,7 @@ def _flat_epochs(objective: Objective, x: torch.Tensor, y: torch.Tensor, *, weig
             opt.step()
             if schedule is not None:
                 schedule.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         losses.append(total / n)
         if epoch_bar:
             epoch_bar(1)
