@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: demo test setup bench bench-peers clean
+.PHONY: demo test setup setup-test bench bench-peers clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -17,12 +17,16 @@ setup: $(BIN)/python
 	  if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q "torch>=2.4"; \
 	  else $(BIN)/pip install -q "$(TORCH_CPU)"; fi; \
 	fi
+	$(BIN)/pip install -q -e .
+
+# what `make test` adds: pytest, Playwright, schemathesis, faiss, ruff (the demo needs none of them)
+setup-test: setup
 	$(BIN)/pip install -q -e ".[test]"
 
 demo: setup
 	$(BIN)/influence demo
 
-test: setup
+test: setup-test
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 

@@ -113,9 +113,11 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--run", required=True, type=Path)
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
-    dm = sub.add_parser("demo", help="build the digits run if missing, then serve it")
+    dm = sub.add_parser("demo", help="build the demo run if missing, then serve it (a cnn on a "
+                        "Fashion-MNIST subset when dataset-fashion-mnist is installed, else digits)")
     dm.add_argument("--host", default="127.0.0.1")
     dm.add_argument("--port", type=int, default=8000)
+    dm.add_argument("--rebuild", action="store_true", help="rebuild the demo run even when it is current")
     return p
 
 
@@ -260,16 +262,11 @@ def _dispatch(args: argparse.Namespace) -> None:
                   f"{summary['timings']['total_s']:.1f} s")
         return
     if args.command == "demo":
+        from app.demo import prepare_demo
         from app.settings import DemoSettings
 
         demo_run = DemoSettings().demo_run  # INFLUENCE_DEMO_RUN
-        try:
-            run = engine.open_run(demo_run)
-        except engine.RunError as exc:  # missing, stale or from an older version: build it afresh
-            if (demo_run / "run.json").exists():
-                print(f"rebuilding the demo run: {exc}", file=sys.stderr)
-            run = engine.build("digits", "logreg", demo_run, force=demo_run.exists())
-        _serve(demo_run, args.host, args.port, run)
+        _serve(demo_run, args.host, args.port, prepare_demo(demo_run, rebuild=args.rebuild))
         return
     if args.command == "serve":
         # opened here, once: a bad run is refused with a one-line error before the server starts

@@ -19,7 +19,7 @@ __all__ = ["DEFAULT_DEMO_RUN", "DEFAULT_UPLOAD_LIMIT", "ENV_PREFIX", "MIN_API_KE
 
 ENV_PREFIX = "INFLUENCE_"
 MIN_API_KEY = 16  # characters
-DEFAULT_DEMO_RUN = Path("runs/digits-logreg")
+DEFAULT_DEMO_RUN = Path("runs/demo")
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
 
