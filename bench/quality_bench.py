@@ -344,7 +344,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--subsets", type=int, default=20, help="M: retrained halves")
     ap.add_argument("--fraction", type=float, default=0.5)
     ap.add_argument("--tests", type=int, default=100, help="T: test points scored")
-    ap.add_argument("--project", default="512", help="K of the projected methods (comma-separated: several)")
+    ap.add_argument("--project", default="512,2048", help="K of the projected methods (comma-separated: several)")
     ap.add_argument("--weight-decay", type=float, default=None, help="λ (default per model: logreg 1e-2, networks 1e-3)")
     ap.add_argument("--damping", type=float, default=None, help="δ (default per model: logreg 0, networks 1e-3)")
     ap.add_argument("--epochs", type=int, default=20, help="networks: Adam epochs (θ̂ and every half)")
