@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: demo test setup setup-test bench bench-peers clean
+.PHONY: demo test setup setup-test bench bench-peers bench-quality clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -44,6 +44,17 @@ bench-peers:
 	  $(PEERS_VENV)/bin/pip install -q --no-deps -e .; \
 	fi
 	$(PEERS_VENV)/bin/python bench/peers_bench.py
+
+# LDS of every method of ours and of kronfluence, TRAK and TracIn (bench/quality_bench.py), peers in their own venv
+QUALITY_VENV ?= bench/.venv-quality
+bench-quality: setup
+	@if [ ! -x $(QUALITY_VENV)/bin/python ] || ! $(QUALITY_VENV)/bin/python -c "import kronfluence, trak, captum" 2>/dev/null; then \
+	  $(PY) -m venv $(QUALITY_VENV) && \
+	  $(QUALITY_VENV)/bin/pip install -q "$(TORCH_CPU)" && \
+	  $(QUALITY_VENV)/bin/pip install -q "$(TORCH_CPU)" -r bench/quality-requirements.txt && \
+	  $(QUALITY_VENV)/bin/pip uninstall -q -y torchvision; \
+	fi
+	$(BIN)/python bench/quality_bench.py --quick
 
 clean:
 	rm -rf runs .pytest_cache
