@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import IHVPMethod, ModelKind
+from .config import ModelKind
 from .errors import QueryError
 from .query.scoring import check_indices
 from .run import Run
@@ -97,18 +97,6 @@ def _search(flips: Callable[[int], int], *, max_k: int, before: int
         else:
             lo = mid
     return hi, tried
-
-
-def _chord_solver(run: Run) -> Any:
-    """:func:`engine.validate.newton_solver`, or the run's own exact solver when its Hessian is
-    already factored (a convex run queried with ``exact``): chord steps with it cost one solve
-    each, where above ``newton_max_params`` L-BFGS from θ̂ took ~100 s per retraining
-    (Fashion-MNIST logreg, p = 7,850)."""
-    chord = newton_solver(run)
-    if (chord is None and run.info.model.convex and not run.store.projected
-            and run.default_method is IHVPMethod.EXACT):
-        chord = run.solver(IHVPMethod.EXACT)
-    return chord
 
 
 def _control(run: Run, ids: list[int], *, newton: Any, lbfgs_steps: int) -> np.ndarray:
@@ -183,7 +171,7 @@ def brittleness(run: Run, *, test_index: int | Sequence[int] | None = None, test
            else [int(t) for t in check_indices(test_index, run.n_test, "test")])
     scores = run.scores(ids, ihvp=ihvp)  # (n, m)
     obj, theta = run.model.objective, run.model.theta
-    newton = _chord_solver(run)
+    newton = newton_solver(run)
     ground_truth = _ground_truth(run)
     cap = default_max_k(run.n_train) if max_k is None else int(max_k)
     caps = [min(cap, int((scores[:, j] < 0).sum())) for j in range(len(ids))]  # 0: nothing helps
