@@ -78,7 +78,7 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: in
 
 
 def run_case(kind: ModelKind, n: int, *, data: str, test_size: int, config: TrainConfig,
-             seed: int) -> dict[str, Any]:
+             seed: int, weight_decay: float = WEIGHT_DECAY) -> dict[str, Any]:
     ds = load_data(data, seed=seed, train_size=n, test_size=test_size)
     x = torch.from_numpy(np.asarray(ds.x_train, dtype=np.float32))  # (n, *shape)
     y = torch.from_numpy(np.asarray(ds.y_train)).long()  # (n,)
@@ -92,7 +92,7 @@ def run_case(kind: ModelKind, n: int, *, data: str, test_size: int, config: Trai
     gen = torch.Generator().manual_seed(seed)
     default_threads = torch.get_num_threads()
     plain = fresh()
-    opt = torch.optim.Adam(plain.parameters(), lr=config.lr, weight_decay=WEIGHT_DECAY)
+    opt = torch.optim.Adam(plain.parameters(), lr=config.lr, weight_decay=weight_decay)
     head = slice(0, min(n, DEFAULT_THREADS_IMAGES))  # PyTorch's default threads: slow on a loaded machine
     plain_default = plain_epoch(plain, opt, x[head], y[head], batch=config.batch_size, gen=gen)
     with intra_op_threads(config.threads) as threads:
@@ -100,7 +100,7 @@ def run_case(kind: ModelKind, n: int, *, data: str, test_size: int, config: Trai
     obj = Objective(fresh(), make_loss(kind.value, svm_temperature=0.01), device=torch.device("cpu"),
                     dtype=torch.float32)
     t, c = time.perf_counter(), time.process_time()
-    res = train_network(obj, x, y, weight_decay=WEIGHT_DECAY, config=config, seed=seed)
+    res = train_network(obj, x, y, weight_decay=weight_decay, config=config, seed=seed)
     wall, cpu = time.perf_counter() - t, time.process_time() - c
     with intra_op_threads(config.threads):
         plain_runs.append(plain_epoch(plain, opt, x, y, batch=config.batch_size, gen=gen))
@@ -110,7 +110,7 @@ def run_case(kind: ModelKind, n: int, *, data: str, test_size: int, config: Trai
     plain_wall = float(np.mean([w for w, _ in plain_runs]))
     plain_cpu = float(np.mean([c_ for _, c_ in plain_runs]))
     return {
-        "model": kind.value, "n": n, "n_params": obj.n_params, "input_shape": list(ds.input_shape),
+        "model": kind.value, "n": n, "weight_decay": weight_decay, "n_params": obj.n_params, "input_shape": list(ds.input_shape),
         "batch_size": config.batch_size, "threads": threads, "default_threads": default_threads,
         "epochs": epochs, "stopping": stopping_rule(config, n),
         "ours_img_s": epochs * n / epochs_s, "plain_img_s": n / plain_wall,
@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="TrainConfig.threads (0: auto)")
     ap.add_argument("--width", type=int, default=None, help="resnet width")
     ap.add_argument("--quick", action="store_true", help="2 epochs, no polish (a smoke run)")
+    ap.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY, help="λ of R (the build's default 1e-2)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         name, _, size = case.partition(":")
         load = loadavg()
         row = run_case(ModelKind(name), int(size or 5000), data=args.data, test_size=args.test_size,
-                       config=config, seed=args.seed)
+                       config=config, seed=args.seed, weight_decay=args.weight_decay)
         row["load_before"], row["load_after"] = load, loadavg()
         rows.append(row)
         print(table([row]).splitlines()[-1], file=sys.stderr)
