@@ -47,6 +47,7 @@ from .models import (
     model_kind,
     resolve_device,
 )
+from .models.threads import intra_op_threads
 from .plan import check_config, check_method, plan_build
 from .run import Run
 from .runinfo import CURVATURE_FILE, RUN_FILE, RUN_SCHEMA, SCRIPT_FILE, THETA_FILE, RunInfo
@@ -308,8 +309,8 @@ def _build_into(folder: Path, config: BuildConfig, *, requested: str, progress: 
         if writer is None:
             writer = StoreWriter(folder, n=n, dim=dim, dtype=store_dtype, create=False)
         todo = writer.missing(mine)
-        with tqdm(total=mine.stop - mine.start, initial=mine.stop - mine.start - len(todo),
-                  desc="gradients", unit="img", disable=not progress, file=sys.stderr) as bar:
+        with tqdm(total=mine.stop - mine.start, initial=mine.stop - mine.start - len(todo), desc="gradients",
+                  unit="img", disable=not progress, file=sys.stderr) as bar, intra_op_threads(config.train.threads):
             for rows in row_runs(todo, config.chunk_size):
                 local = slice(rows.start - mine.start, rows.stop - mine.start)
 

@@ -44,6 +44,7 @@ from .config import ModelKind
 from .errors import ModelError, QueryError, RunError
 from .models import make_module, make_objective
 from .models.objective import Objective
+from .models.train import stopping_rule
 from .query.scoring import check_indices
 from .run import Run
 from .solvers import parse_method
@@ -176,7 +177,7 @@ def _check_settings(run: Run, *, subsets: int, fraction: float, retraining: str)
                          "(--retraining warm: L-BFGS from θ̂ on each subset)")
 
 
-def _ground_truth(run: Run, retraining: str, *, seed: int, subsets: int) -> str:
+def _ground_truth(run: Run, retraining: str, *, seed: int, subsets: int, n_subset: int) -> str:
     kind = run.info.model.kind
     if kind is ModelKind.SVM:
         return "each subset's hinge SVM retrained to its optimum (liblinear)"
@@ -188,9 +189,8 @@ def _ground_truth(run: Run, retraining: str, *, seed: int, subsets: int) -> str:
                 "iterations); it does not measure the noise of training from scratch")
     tc = run.config.train
     return (f"each subset trained from scratch: a fresh init (seed {seed} + subset, {seed}.."
-            f"{seed + subsets - 1}) and the run's recipe, {tc.epochs} epochs of {tc.optimizer} "
-            f"(batch {tc.batch_size}, lr {tc.lr:g}), then full-batch L-BFGS (≤ {tc.lbfgs_steps} "
-            f"iterations or {tc.polish_s:g} s)")
+            f"{seed + subsets - 1}) and the run's recipe on its {n_subset} points: "
+            f"{stopping_rule(tc, n_subset)}")
 
 
 def scratch_model(run: Run, keep: np.ndarray, *, init_seed: int) -> tuple[Objective, torch.Tensor]:
@@ -284,7 +284,8 @@ def retrain_outputs(run: Run, *, subsets: int, fraction: float, seed: int = 0,
                 callback(int(done.sum()), subsets)
     return Retrained(masks=masks, losses=state["losses"], margins=state["margins"],
                      retraining=retraining, seconds=float(state["seconds"].sum()),
-                     ground_truth=_ground_truth(run, retraining, seed=seed, subsets=subsets))
+                     ground_truth=_ground_truth(run, retraining, seed=seed, subsets=subsets,
+                                                 n_subset=round(fraction * run.n_train)))
 
 
 # ---------------------------------------------------------------------------------- the facade

@@ -70,7 +70,8 @@ def add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--svm-temperature", type=float, default=d("svm_temperature"),
                    help=f"temperature t of the smooth hinge svm influence goes through ({d('svm_temperature')})")
     p.add_argument("--epochs", type=int, default=None,
-                   help=f"training epochs for networks ({config_default('epochs', TrainConfig)})")
+                   help=f"at most N training epochs for networks ({config_default('epochs', TrainConfig)}); also "
+                        f"capped at ⌈{config_default('max_samples', TrainConfig):,} / n⌉")
     p.add_argument("--width", type=int, default=None,
                    help=f"resnet base width ({config_default('width', TrainConfig)}; 64 is ResNet-18)")
     p.add_argument("--optimizer", choices=("adam", "sgd"), default=None,
