@@ -366,3 +366,22 @@ def test_console_script_end_to_end(run, outdir):
     assert len(bad.stderr.splitlines()) == 1
     assert bad.stderr.startswith(PREFIX) and "-7" in bad.stderr
     assert not (outdir / "bad.npy").exists()
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path) -> None:
+    """`influence explain --json | head -1`: the closed pipe ends the command quietly (141)."""
+    import subprocess
+    import sys
+
+    import engine
+
+    run = engine.build("digits", "logreg", tmp_path / "run", test_size=20, progress=False)
+    with subprocess.Popen([sys.executable, "-m", "app.cli", "explain", "--run", str(run.path),
+                           "--test-index", "0", "--top", "1000", "--json"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.readline().strip() == b"{"
+        proc.stdout.close()  # the reader leaves before the ~150 kB of JSON (over a pipe buffer) are written
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
