@@ -40,7 +40,7 @@ from .config import ModelKind
 from .errors import QueryError
 from .query.scoring import check_indices
 from .run import Run
-from .store.files import load_json, save_json
+from .store.files import load_run_report, save_json
 from .validate import newton_solver, retrain_without
 
 __all__ = ["BRITTLE_FILE", "brittleness", "default_max_k", "load_brittleness", "search_steps"]
@@ -214,6 +214,4 @@ def brittleness(run: Run, *, test_index: int | Sequence[int] | None = None, test
 
 def load_brittleness(run_or_path: Run | str | Path) -> dict[str, Any] | None:
     """The saved brittleness report of a run (or run folder), or None when it has not been run."""
-    folder = run_or_path.path if isinstance(run_or_path, Run) else Path(run_or_path)
-    path = folder / BRITTLE_FILE
-    return load_json(path) if path.is_file() else None
+    return load_run_report(run_or_path, BRITTLE_FILE)

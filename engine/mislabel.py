@@ -31,7 +31,7 @@ from scipy.stats import rankdata
 
 from .errors import InfluenceError
 from .run import Run
-from .store.files import load_json, save_json
+from .store.files import load_run_report, save_json
 
 __all__ = ["MISLABEL_FILE", "MislabelScore", "load_mislabel", "mislabel_check", "recall_at", "roc_auc"]
 
@@ -139,6 +139,4 @@ def mislabel_check(run: Run, *, ihvp: str | None = None,
 
 def load_mislabel(run_or_path: Run | str | Path) -> dict[str, Any] | None:
     """The saved mislabel report of a run (or run folder), or None when it has not been checked."""
-    folder = run_or_path.path if isinstance(run_or_path, Run) else Path(run_or_path)
-    path = folder / MISLABEL_FILE
-    return load_json(path) if path.is_file() else None
+    return load_run_report(run_or_path, MISLABEL_FILE)

@@ -24,7 +24,7 @@ import numpy as np
 from .config import IHVPMethod
 from .errors import InfluenceError
 from .run import Run
-from .store.files import load_json, save_json
+from .store.files import load_run_report, save_json
 from .validate import group_removal, leave_one_out, pearson, spearman
 
 __all__ = ["TRUST_FILE", "load_trust", "trust_check"]
@@ -95,6 +95,4 @@ def trust_check(run: Run, *, test_index: Sequence[int] | None = None, n_tests: i
 
 def load_trust(run: Run | Path) -> dict[str, Any] | None:
     """The saved trust report of a run (or run folder), or None when it has not been checked."""
-    folder = run.path if isinstance(run, Run) else Path(run)
-    path = folder / TRUST_FILE
-    return load_json(path) if path.is_file() else None
+    return load_run_report(run, TRUST_FILE)

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import RunError
 
-__all__ = ["atomic_write_bytes", "load_json", "load_tensors", "save_json", "save_tensors"]
+__all__ = ["atomic_write_bytes", "load_json", "load_run_report", "load_tensors", "save_json", "save_tensors"]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -51,3 +51,10 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(out, dict) or not all(isinstance(v, torch.Tensor) for v in out.values()):
         raise RunError(f"{path}: not a tensor file written by influence build")
     return out
+
+
+def load_run_report(run_or_path: Any, name: str) -> dict[str, Any] | None:
+    """The JSON report ``name`` saved in a run folder (a ``Run`` or its path), or None when absent
+    (trust.json, mislabel.json, brittleness.json)."""
+    path = Path(getattr(run_or_path, "path", run_or_path)) / name
+    return load_json(path) if path.is_file() else None
