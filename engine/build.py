@@ -47,15 +47,15 @@ from .models import (
     model_kind,
     resolve_device,
 )
-from .models.threads import intra_op_threads
 from .plan import check_config, check_method, plan_build
 from .run import Run
 from .runinfo import CURVATURE_FILE, RUN_FILE, RUN_SCHEMA, SCRIPT_FILE, THETA_FILE, RunInfo
 from .solvers import lissa_scale, parse_method
-from .stages import accuracy, ekfac_factors, row_runs, train_theta
+from .stages import accuracy, ekfac_factors, train_theta
 from .store.files import load_json, load_tensors, save_json, save_tensors
-from .store.gradients import DONE_FILE, GRADS_FILE, MANIFEST_FILE, StoreWriter, open_store
+from .store.gradients import DONE_FILE, MANIFEST_FILE
 from .store.resident import ResidentStore
+from .store_stage import MappedRows, user_grad_norm, write_store
 
 __all__ = ["ENGINE_VERSION", "STATE_FILE", "build", "partial_folder"]
 
@@ -145,7 +145,7 @@ def build(data: str, model: str, out: str | Path, *, force: bool = False, progre
             save_json(tmp / STATE_FILE, {"config": config.to_dict()})
     comm.barrier()
     try:
-        info, ds = _build_into(tmp, config, requested=requested, progress=progress and comm.is_root,
+        info, ds, resident = _build_into(tmp, config, requested=requested, progress=progress and comm.is_root,
                                comm=comm)
         if config.ensemble > 1:
             members = _build_members(tmp, config, requested=requested, progress=progress, comm=comm)
@@ -170,7 +170,9 @@ def build(data: str, model: str, out: str | Path, *, force: bool = False, progre
     comm.barrier()
     if not comm.is_root:
         return None  # type: ignore[return-value]
-    return Run(out, RunInfo.from_dict(load_json(out / RUN_FILE), where=out / RUN_FILE), dataset=ds)  # the data as loaded, not read again
+    # the data as loaded and the rows as written, neither read again
+    return Run(out, RunInfo.from_dict(load_json(out / RUN_FILE), where=out / RUN_FILE), dataset=ds,
+               resident=resident)
 
 
 def _finish(folder: Path, info: dict[str, Any]) -> None:
@@ -199,7 +201,7 @@ def _build_members(tmp: Path, config: BuildConfig, *, requested: str, progress: 
             folder.mkdir(parents=True)
             save_json(folder / STATE_FILE, {"config": member_config.to_dict()})
         comm.barrier()
-        info, _ = _build_into(folder, member_config, requested=requested,
+        info, _, _ = _build_into(folder, member_config, requested=requested,
                               progress=progress and comm.is_root, comm=comm, member=j)
         if comm.is_root:
             _finish(folder, info)
@@ -214,8 +216,9 @@ def _store_dtype(config: BuildConfig, dtype: torch.dtype) -> str:
 
 
 def _build_into(folder: Path, config: BuildConfig, *, requested: str, progress: bool, comm: Comm,
-                member: int = 0) -> tuple[dict[str, Any], Dataset]:
-    """The run's ``run.json`` content (empty on ranks other than 0) and the loaded data.
+                member: int = 0) -> tuple[dict[str, Any], Dataset, ResidentStore | None]:
+    """The run's ``run.json`` content (empty on ranks other than 0), the loaded data and, when
+    the store pass kept them, the store's rows in memory.
     ``member`` j > 0: ensemble member j, whose model is initialised and trained with seed S + j
     (the data, projection and solvers keep S)."""
     state: dict[str, Any] = load_json(folder / STATE_FILE) if comm.is_root else {}
@@ -259,6 +262,8 @@ def _build_into(folder: Path, config: BuildConfig, *, requested: str, progress: 
                   "disk above", file=sys.stderr)
     plan.check()
 
+    # a user model whose store holds every parameter unprojected: ‖∇R‖ from the store's rows
+    full_user = kind is ModelKind.USER and comm.world == 1 and not config.project and not config.params
     # ---- θ̂: trained on rank 0 (or taken from the interrupted build), broadcast to every rank
     t = time.perf_counter()
     theta_all = torch.zeros(obj_all.n_params, dtype=dtype, device=dev)
@@ -269,7 +274,7 @@ def _build_into(folder: Path, config: BuildConfig, *, requested: str, progress: 
             x_full = x if comm.world == 1 else torch.from_numpy(np.array(x_all)).to(dev, dtype)
             y_full = y if comm.world == 1 else torch.from_numpy(np.array(y_all)).to(dev)
             theta_all, train_info = train_theta(seeded, kind, obj_all, ds, x_full, y_full, dev=dev,
-                                                dtype=dtype, progress=progress)
+                                                dtype=dtype, progress=progress, user_grad_norm=not full_user)
             obj_all.load_flat(theta_all)
             train_info["train_accuracy"] = accuracy(obj_all, theta_all, x_full, y_full)
             x_test = torch.from_numpy(np.array(ds.x_test)).to(dev, dtype)
@@ -282,9 +287,8 @@ def _build_into(folder: Path, config: BuildConfig, *, requested: str, progress: 
             if kind is ModelKind.USER and ":" not in config.model:
                 shutil.copyfile(config.model, folder / SCRIPT_FILE)
             record("training", train_info, train_s=time.perf_counter() - t)
-            logger.info("trained %s (%d parameters) in %.1f s: |grad R| %.2e, test accuracy %.3f",
-                        kind.value, obj_all.n_params, time.perf_counter() - t, train_info["grad_norm"],
-                        train_info["test_accuracy"])
+            logger.info("trained %s (%d parameters) in %.1f s: test accuracy %.3f", kind.value,
+                        obj_all.n_params, time.perf_counter() - t, train_info["test_accuracy"])
     theta_all = comm.broadcast(theta_all.contiguous())
     obj_all.load_flat(theta_all)
     comm.barrier()  # model.pt is written: every rank takes rank 0's buffers (BatchNorm statistics)
@@ -293,44 +297,29 @@ def _build_into(folder: Path, config: BuildConfig, *, requested: str, progress: 
     theta = obj.flat_params()
     model_fp = model_fingerprint(obj, theta)
 
-    # ---- per-sample gradients → store: each rank its own rows, only those not yet done
+    # ---- per-sample gradients → store: each rank its own rows, only those not yet done; the
+    # pass also gathers EK-FAC's covariances and a user model's ∇R when it writes every row
     t = time.perf_counter()
     calibration = torch.from_numpy(np.array(x_all[:CALIBRATION_SAMPLES])), torch.from_numpy(
         np.array(y_all[:CALIBRATION_SAMPLES]))  # the same on every rank: the same split of K
     space = make_space(obj, theta, projection=config.projection, k=config.project, seed=config.seed,
                        params=config.params, x=calibration[0], y=calibration[1])
-    dim = space.dim
     store_dtype = _store_dtype(config, dtype)
     extra = {"data_fingerprint": data_fp, "model_fingerprint": model_fp, "projection": space.describe()}
-    store_done = (folder / GRADS_FILE).is_file()  # renamed only once every row was in
-    if not store_done:
-        writer = StoreWriter(folder, n=n, dim=dim, dtype=store_dtype, resume=True) if comm.is_root else None
-        comm.barrier()  # rank 0 has created (or reopened) the files
-        if writer is None:
-            writer = StoreWriter(folder, n=n, dim=dim, dtype=store_dtype, create=False)
-        todo = writer.missing(mine)
-        with tqdm(total=mine.stop - mine.start, initial=mine.stop - mine.start - len(todo), desc="gradients",
-                  unit="img", disable=not progress, file=sys.stderr) as bar, intra_op_threads(config.train.threads):
-            for rows in row_runs(todo, config.chunk_size):
-                local = slice(rows.start - mine.start, rows.stop - mine.start)
-
-                def sink(part: slice, block: torch.Tensor, base: int = rows.start) -> None:
-                    writer.write(slice(base + part.start, base + part.stop), block)
-
-                space.rows(x[local], y[local], chunk=config.chunk_size, sink=sink, progress=bar.update)
-        comm.barrier()  # every rank's rows are in
-        if comm.is_root:
-            writer.finish(extra)
-        else:
-            writer.close()
-    elif comm.is_root and not (folder / MANIFEST_FILE).is_file():
-        # killed between the rename and the manifest: the rows are complete, write the manifest
-        StoreWriter.write_manifest(folder, n=n, dim=dim, dtype=store_dtype, extra=extra)
+    gather = write_store(folder, space, x, y, mine=mine, n=n, store_dtype=store_dtype, chunk=config.chunk_size,
+                         threads=config.train.threads, comm=comm, progress=progress, extra=extra,
+                         covariances=config.ihvp is IHVPMethod.EKFAC, row_sum=full_user,
+                         resident=member == 0 and config.ensemble == 1)
+    resident = None if gather is None else gather.resident  # the rows in memory, handed to the run
     manifest = load_json(folder / MANIFEST_FILE) if comm.is_root else {}
     if "store" not in state:
         record("store", manifest, gradients_s=time.perf_counter() - t)
-        logger.info("stored %d gradients of dimension %d (%s) in %.1f s", n, dim, store_dtype,
+        logger.info("stored %d gradients of dimension %d (%s) in %.1f s", n, space.dim, store_dtype,
                     time.perf_counter() - t)
+    if comm.is_root and state["training"]["grad_norm"] is None:  # a user model's, from the store pass
+        norm, how = user_grad_norm(obj_all, theta_all, gather, full=full_user, n=n,
+                                   weight_decay=config.weight_decay, x=x, y=y, batch=config.train.batch_size)
+        record("training", {**state["training"], "grad_norm": norm, "grad_norm_from": how})
 
     # ---- curvature: every rank applies its shard's Hessian, summed over ranks
     t = time.perf_counter()
@@ -358,17 +347,20 @@ def _build_into(folder: Path, config: BuildConfig, *, requested: str, progress: 
             curvature["lissa_scale"] = lissa_scale(hvp, n_params=obj.n_params, config=config,
                                                    dtype=dtype, device=dev)
         elif config.ihvp is IHVPMethod.EKFAC and comm.is_root:  # factors from all the data, on rank 0
-            array, _ = open_store(folder, expect={"data_fingerprint": data_fp, "model_fingerprint": model_fp})
-            store = ResidentStore.load(array, store_dtype, device=dev, compute_dtype=dtype)
+            rows = resident or MappedRows(folder, expect={"data_fingerprint": data_fp,
+                                                          "model_fingerprint": model_fp},
+                                          compute_dtype=dtype, device=dev)
             x_full = torch.from_numpy(np.array(x_all)).to(dev, dtype)
             save_tensors(folder / CURVATURE_FILE, ekfac_factors(
-                space, x_full, torch.from_numpy(np.array(y_all)), store, progress=progress))
+                space, x_full, torch.from_numpy(np.array(y_all)), rows, progress=progress,
+                covariances=None if gather is None else gather.covariances,
+                captured=None if gather is None else gather.captured))
         record("curvature", curvature, curvature_s=time.perf_counter() - t)
         logger.info("curvature (%s) in %.1f s", config.ihvp.value, time.perf_counter() - t)
     comm.barrier()
     timings["total_s"] = sum(v for k, v in timings.items() if k != "total_s")
     if not comm.is_root:
-        return {}, ds
+        return {}, ds, None
 
     return {
         "schema_version": RUN_SCHEMA,
@@ -397,4 +389,4 @@ def _build_into(folder: Path, config: BuildConfig, *, requested: str, progress: 
                      "numpy": np.__version__, "python": platform.python_version()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **({"ensemble": {"member": member, "train_seed": seeded.seed}} if member else {}),
-    }, ds
+    }, ds, resident

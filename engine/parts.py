@@ -31,7 +31,7 @@ from .models import (
 from .models.objective import Objective
 from .runinfo import CURVATURE_FILE, SCRIPT_FILE, THETA_FILE, RunInfo
 from .store.files import load_tensors
-from .store.gradients import open_store
+from .store.gradients import TORCH_DTYPES, open_store
 from .store.resident import ResidentStore
 
 __all__ = ["DataTensors", "GradientStore", "LoadedModel", "load_parts"]
@@ -107,10 +107,12 @@ class GradientStore:
         return self.space.projected
 
 
-def load_parts(path: Path, info: RunInfo, *, device: str | None, dataset: Dataset | None
+def load_parts(path: Path, info: RunInfo, *, device: str | None, dataset: Dataset | None,
+               resident: ResidentStore | None = None
                ) -> tuple[LoadedModel, DataTensors, GradientStore, dict[str, torch.Tensor]]:
     """The model, data, store and saved curvature tensors of the run in ``path``, each checked
-    against ``info``. ``dataset``: the run's data when the caller already holds it (the build)."""
+    against ``info``. ``dataset``: the run's data when the caller already holds it (the build);
+    ``resident``: likewise the store's rows (used when on this device, of the file's shape)."""
     config = info.config
     dev = resolve_device(device or config.device)
     dtype = resolve_dtype(info.model.dtype, dev)
@@ -141,7 +143,9 @@ def load_parts(path: Path, info: RunInfo, *, device: str | None, dataset: Datase
     array, manifest = open_store(path, expect={"data_fingerprint": info.data.fingerprint,
                                                "model_fingerprint": info.model.fingerprint})
     # resident copy in the store's own dtype (float16/bfloat16 stay 2 bytes a value)
-    resident = ResidentStore.load(array, manifest["dtype"], device=dev, compute_dtype=dtype)  # (n, d)
+    if (resident is None or tuple(resident.shape) != tuple(array.shape) or resident.data.device != dev
+            or resident.data.dtype != TORCH_DTYPES[manifest["dtype"]] or resident.compute_dtype != dtype):
+        resident = ResidentStore.load(array, manifest["dtype"], device=dev, compute_dtype=dtype)  # (n, d)
     space = space_from_manifest(objective, theta, manifest.get("projection"))
     cpath = path / CURVATURE_FILE
     if config.ihvp.needs_curvature_file and not cpath.exists():

@@ -36,6 +36,7 @@ from .query.scoring import Scorer, check_indices
 from .results import TopInfluences
 from .runinfo import RunInfo, read_run_info
 from .solvers import SolverBank
+from .store.resident import ResidentStore
 
 __all__ = ["Run", "open_run"]
 
@@ -45,15 +46,17 @@ class Run:
 
     def __init__(self, path: Path, info: RunInfo, *, device: str | None = None,
                  dataset: Dataset | None = None, cache_bytes: int = DEFAULT_BUDGET_BYTES,
-                 cache: BoundedCache | KeyedCache | None = None) -> None:
+                 cache: BoundedCache | KeyedCache | None = None,
+                 resident: ResidentStore | None = None) -> None:
         """``dataset``: the run's data when the caller already holds it (the build); its
-        fingerprint is checked like that of data loaded here. ``cache_bytes``: the budget of
+        fingerprint is checked like that of data loaded here. ``resident``: the store's rows
+        already in memory (the build that wrote them), instead of reading the file. ``cache_bytes``: the budget of
         :attr:`cache`; ``cache``: a cache to use instead (an ensemble member shares the run's)."""
         self.path = Path(path)
         self.info = info
         self.config: BuildConfig = info.config
         self.model, self.data, self.store, curvature = load_parts(self.path, info, device=device,
-                                                                  dataset=dataset)
+                                                                  dataset=dataset, resident=resident)
         self.cache: BoundedCache | KeyedCache = cache if cache is not None else BoundedCache(cache_bytes)
         self.solvers = SolverBank(info, self.model, self.data, self.store, curvature)
         self.queries = Scorer(self.model, self.data, self.store, self.solvers, self.cache)  # type: ignore[arg-type]

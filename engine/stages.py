@@ -4,8 +4,8 @@ store (EK-FAC's factors). :mod:`engine.build` decides when each runs and where i
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -13,11 +13,14 @@ from tqdm.auto import tqdm
 
 from .config import BuildConfig, ModelKind
 from .data import Dataset
-from .grads.capture import capture
+from .grads.capture import Captures, capture
+from .grads.layers import Selection, select_modules
 from .grads.space import GradientSpace
 from .ihvp.ekfac import (
     Batch,
+    CovarianceAccumulator,
     DiagonalAccumulator,
+    LayerBlock,
     fit_ekfac,
     layer_layout,
     rest_index,
@@ -38,11 +41,22 @@ from .models.train import (
     train_convex,
     train_network,
 )
-from .store.resident import ResidentStore
 
-__all__ = ["EKFAC_CHUNK", "accuracy", "ekfac_factors", "row_runs", "train_theta"]
+__all__ = ["EKFAC_CHUNK", "RowSource", "accuracy", "capture_batches", "ekfac_factors", "ekfac_layout", "row_runs",
+           "train_theta"]
 
 EKFAC_CHUNK = 128  # training points per capture pass of the EK-FAC fit
+ROW_BLOCK_BYTES = 64 << 20  # store rows per block of Λ's pass: this many bytes in float64
+
+
+class RowSource(Protocol):
+    """Store rows to read in blocks: ``shape`` (n, dim) and ``rows(slice)`` (b, dim) in the
+    compute dtype (:class:`~engine.store.resident.ResidentStore`, or the build's memory map)."""
+
+    @property
+    def shape(self) -> tuple[int, ...] | torch.Size: ...
+
+    def rows(self, index: slice) -> torch.Tensor: ...
 
 
 def accuracy(obj: Objective, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *,
@@ -68,16 +82,20 @@ def row_runs(rows: np.ndarray, size: int) -> list[slice]:
 
 
 def train_theta(config: BuildConfig, kind: ModelKind, obj: Objective, ds: Dataset, x: torch.Tensor,
-                y: torch.Tensor, *, dev: torch.device, dtype: torch.dtype, progress: bool
-                ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """θ̂ (p,) of every trainable parameter, and what training reports."""
+                y: torch.Tensor, *, dev: torch.device, dtype: torch.dtype, progress: bool,
+                user_grad_norm: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
+    """θ̂ (p,) of every trainable parameter, and what training reports. A user model's θ̂ is
+    given; its ‖∇R(θ̂)‖ takes a pass over x unless ``user_grad_norm`` is False (then
+    ``grad_norm`` is None: the build takes it from the store's rows)."""
     lam = config.weight_decay
     if kind is ModelKind.USER:
         theta = obj.flat_params()
+        if not user_grad_norm:
+            return theta, {"trained": False, "grad_norm": None}
         # chunked like training: a whole-data pass of a large network (4,096 ResNet-18 images at
         # once) held 15 GB of activations just to report ‖∇R‖
         _, g = objective_value_and_grad(obj, theta, x, y, weight_decay=lam, chunk=config.train.batch_size)
-        return theta, {"trained": False, "grad_norm": float(g.norm())}
+        return theta, {"trained": False, "grad_norm": float(g.norm()), "grad_norm_from": "full-batch pass"}
     if kind is ModelKind.SVM:  # the true hinge (liblinear); influence uses the smooth hinge
         xs, ys = np.asarray(ds.x_train), np.asarray(ds.y_train)
         rows = train_hinge_svm(xs, ys, n_classes=ds.n_classes, weight_decay=lam, seed=config.seed)
@@ -103,30 +121,53 @@ def train_theta(config: BuildConfig, kind: ModelKind, obj: Objective, ds: Datase
                        "iterations": res.iterations, "stopping": stopping_rule(tc, len(x))}
 
 
-def ekfac_factors(space: GradientSpace, x: torch.Tensor, y: torch.Tensor, store: ResidentStore, *,
-                  progress: bool, threads: int = 0) -> dict[str, torch.Tensor]:
+def ekfac_layout(space: GradientSpace) -> tuple[Selection, tuple[LayerBlock, ...]]:
+    """The tracked layers and EK-FAC's blocks of them in the store's coordinates: one block per
+    Kronecker layer (k_out, k_in) of a Kronecker store, one per layer group (d_out, d_in [+1])
+    of a full one."""
+    selection, kron = space.selection, space.kronecker
+    if selection is None:
+        selection = select_modules(space.objective.model, None)
+    if kron is not None:
+        return selection, layer_layout([(layer.name, *kron.factors(layer.name))
+                                        for layer in selection.kronecker])
+    return selection, unprojected_layout(selection.kronecker)
+
+
+def capture_batches(caps: Captures) -> Iterator[Batch]:
+    """A chunk's captures as EK-FAC batches: projected (ã, δ̃) per layer as they are, raw (a, δ)
+    one batch per group block."""
+    for name, lc in caps.kron.items():
+        if caps.projected:
+            yield name, lc.a, lc.delta
+        else:
+            yield from split_groups(name, lc.a, lc.delta)
+
+
+def ekfac_factors(space: GradientSpace, x: torch.Tensor, y: torch.Tensor, store: RowSource, *,
+                  progress: bool, threads: int = 0,
+                  covariances: CovarianceAccumulator | None = None,
+                  captured: Mapping[str, Sequence[tuple[torch.Tensor, torch.Tensor]]] | None = None
+                  ) -> dict[str, torch.Tensor]:
     """EK-FAC's factors (as tensors, for ``curvature.pt``) of the tracked layers, in the store's
     space: the Kronecker-projected (ã, δ̃) of a Kronecker store, the raw (a, δ) per group of a
     full one. Store coordinates outside every layer block (exact modules' gradients) get the
-    diagonal correction ``E_i[g_ij²]`` from the store rows. One capture pass over x for the
-    covariances, with at most ``threads`` intra-op threads (0: half the cores; on a loaded 2-core
-    machine one thread captured 680–810 images/s, two 71–217); Λ from the store's rows, which
-    already hold each sample's G_i (or G̃_i), instead of a second pass through the model."""
-    obj, selection, kron = space.objective, space.selection, space.kronecker
-    if selection is None:
-        from .grads.layers import select_modules
-
-        selection = select_modules(obj.model, None)
-    if kron is not None:
-        layout = layer_layout([(layer.name, *kron.factors(layer.name)) for layer in selection.kronecker])
-    else:
-        layout = unprojected_layout(selection.kronecker)
+    diagonal correction ``E_i[g_ij²]`` from the store rows. The covariances: ``covariances``
+    when the store pass accumulated them over every sample, else one capture pass over x with at
+    most ``threads`` intra-op threads (0: half the cores; on a loaded 2-core machine one thread
+    captured 680–810 images/s, two 71–217). Λ from the store's rows (``store.rows(slice)`` in
+    the compute dtype), which already hold each sample's G_i (or G̃_i), instead of a second pass
+    through the model; for the layers in ``captured`` (the store pass's (a, δ) of layers with
+    few positions) from those."""
+    obj = space.objective
+    selection, layout = ekfac_layout(space)
     dim = space.dim
     rest = rest_index(layout, dim)
+    n = store.shape[0]
     diagonal = None
     if len(rest):
         acc = DiagonalAccumulator(rest)
-        for start in range(0, store.shape[0], 4096):
+        for start in range(0, n, 4096):
             acc.update(store.rows(slice(start, start + 4096)))
         diagonal = acc.diagonal()
     x, y = x.to(obj.device, obj.dtype), y.to(obj.device)
@@ -135,26 +176,23 @@ def ekfac_factors(space: GradientSpace, x: torch.Tensor, y: torch.Tensor, store:
         with tqdm(total=len(x), desc="ekfac covariances", unit="img", disable=not progress,
                   file=sys.stderr) as bar, space.hooks():
             for start in range(0, len(x), EKFAC_CHUNK):
-                rows = slice(start, start + EKFAC_CHUNK)
-                caps = capture(obj.model, obj.loss_fn, x[rows], y[rows], selection=selection,
-                               projector=kron)
-                for name, lc in caps.kron.items():
-                    if kron is not None:
-                        yield name, lc.a, lc.delta
-                    else:
-                        yield from split_groups(name, lc.a, lc.delta)
-                bar.update(rows.stop - rows.start if rows.stop <= len(x) else len(x) - start)
+                rows = slice(start, min(start + EKFAC_CHUNK, len(x)))
+                yield from capture_batches(capture(obj.model, obj.loss_fn, x[rows], y[rows],
+                                                   selection=selection, projector=space.kronecker))
+                bar.update(rows.stop - rows.start)
 
     def store_rows() -> Iterator[torch.Tensor]:
-        n = store.shape[0]
         with tqdm(total=n, desc="ekfac eigenvalue correction", unit="img", disable=not progress,
                   file=sys.stderr) as bar:
-            for start in range(0, n, EKFAC_CHUNK):
-                block = store.rows(slice(start, min(start + EKFAC_CHUNK, n)))  # (b, dim)
+            step = max(1, ROW_BLOCK_BYTES // (8 * max(dim, 1)))
+            for start in range(0, n, step):
+                block = store.rows(slice(start, min(start + step, n)))  # (b, dim)
                 yield block.to(obj.device)
                 bar.update(block.shape[0])
 
     with intra_op_threads(threads):
-        factors = fit_ekfac(batches, layout, dim=dim, rest_diagonal=diagonal, rows=store_rows,
+        factors = fit_ekfac(None if covariances is not None else batches, layout, dim=dim,
+                            rest_diagonal=diagonal, rows=store_rows, covariances=covariances,
+                            captured=captured if covariances is not None else None,
                             dtype=obj.dtype, device=obj.device)
     return ekfac_tensors(factors)

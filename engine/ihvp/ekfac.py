@@ -295,16 +295,23 @@ class DiagonalAccumulator:
         return self.sum / max(self.samples, 1)
 
 
-def fit_ekfac(batches: Callable[[], Iterable[Batch]], layout: Sequence[LayerBlock], *,
+def fit_ekfac(batches: Callable[[], Iterable[Batch]] | None, layout: Sequence[LayerBlock], *,
               dim: int | None = None, rest_diagonal: torch.Tensor | None = None,
               rows: Callable[[], Iterable[torch.Tensor]] | None = None,
+              covariances: CovarianceAccumulator | None = None,
+              captured: Mapping[str, Sequence[tuple[torch.Tensor, torch.Tensor]]] | None = None,
               dtype: torch.dtype = torch.float64, device: torch.device | None = None) -> EKFACFactors:
     """EK-FAC factors: covariances and their eigenbases from one pass over ``batches()`` (an
-    iterable of ``(layer name, a (b, s, d_in), δ (b, s, d_out))``), then Λ. Λ comes from
+    iterable of ``(layer name, a (b, s, d_in), δ (b, s, d_out))``), or from ``covariances``
+    already accumulated over every sample (e.g. while the store was written), then Λ. Λ comes from
     ``rows()`` when given, an iterable of the store's rows (b, dim) of every sample, each block
     read as G_i (b, d_out, d_in) (no second pass through the model: the store already holds
     ``Σ_s δ aᵀ``, projected or not); otherwise from a second pass over ``batches()`` (which must
-    then yield the same data). ``dim``: the store's dimension (default: the layout's end);
+    then yield the same data); for the layers in ``captured`` (name → every sample's (a, δ),
+    kept by the pass that accumulated ``covariances``) Λ comes from those, rotated before they
+    are multiplied (cheaper than rotating G_i when a layer has few positions, e.g. a Linear head
+    on flattened features: d_in² + d_out² instead of d_out·d_in² per sample). ``dim``: the
+    store's dimension (default: the layout's end);
     coordinates outside every block need ``rest_diagonal`` (r,) from a
     :class:`DiagonalAccumulator` over the store's rows, in :func:`rest_index` order."""
     layout = tuple(layout)
@@ -313,24 +320,36 @@ def fit_ekfac(batches: Callable[[], Iterable[Batch]], layout: Sequence[LayerBloc
     if rest_diagonal is None and len(rest):
         raise ValueError(f"{len(rest)} store coordinates lie outside every layer block: "
                          "pass their rest_diagonal")
-    cov = CovarianceAccumulator(layout, dtype=dtype, device=device)
-    for name, a, delta in batches():
-        cov.update(name, a, delta)
+    if covariances is None and batches is None:
+        raise ValueError("fit_ekfac needs batches() or accumulated covariances")
+    if rows is None and batches is None:
+        raise ValueError("fit_ekfac needs batches() or the store's rows() for Λ")
+    cov = covariances
+    if cov is None:
+        cov = CovarianceAccumulator(layout, dtype=dtype, device=device)
+        for name, a, delta in batches():  # type: ignore[misc]
+            cov.update(name, a, delta)
     bases, spectra = {}, {}
     for blk in layout:
         a_cov, s_cov = cov.covariances(blk.name)
         (sig_a, q_a), (sig_s, q_s) = eigenbasis(a_cov), eigenbasis(s_cov)
         bases[blk.name], spectra[blk.name] = (q_a, q_s), (sig_a, sig_s)
     lam = LambdaAccumulator(bases, dtype=dtype, device=device)
-    if rows is not None:
-        index = {blk.name: blk.index() for blk in layout}
+    captured = captured or {}
+    for name, pairs in captured.items():
+        for a, delta in pairs:
+            lam.update(name, a, delta)
+    from_rows = [blk for blk in layout if blk.name not in captured]
+    if rows is not None and from_rows:
+        index = {blk.name: blk.index() for blk in from_rows}
         for block in rows():  # (b, dim)
-            for blk in layout:
+            for blk in from_rows:
                 cols = block[:, index[blk.name].to(block.device)]  # (b, d_out·d_in)
                 lam.update_gradients(blk.name, cols.reshape(-1, blk.d_out, blk.d_in))
-    else:
-        for name, a, delta in batches():
-            lam.update(name, a, delta)
+    elif rows is None:
+        for name, a, delta in batches():  # type: ignore[misc]
+            if name not in captured:
+                lam.update(name, a, delta)
     layers = {blk.name: LayerFactors(
         activation_eigenvectors=bases[blk.name][0], gradient_eigenvectors=bases[blk.name][1],
         activation_eigenvalues=spectra[blk.name][0], gradient_eigenvalues=spectra[blk.name][1],
