@@ -71,14 +71,35 @@ def read_idx(path: str | Path) -> np.ndarray:
     """The array stored in one IDX file (gzipped or not), in native byte order.
 
     Returns:
-        An array of shape ``(d_1, ..., d_ndim)`` as the header gives it; uint8 files come back as
-        read-only views of the file's bytes (no copy), other dtypes as native-endian copies.
+        A read-only array of shape ``(d_1, ..., d_ndim)`` as the header gives it (uint8 files: a
+        view of the file's bytes; other dtypes: native-endian). Parsed once per process while the
+        file's path, size and modification time stay the same (a decompressed 60,000-image
+        Fashion-MNIST read took 0.3 s per build).
 
     Raises:
         DataError: the file is unreadable, not gzip despite its magic, or not IDX: a bad magic
             number, an unknown dtype code, zero dimensions, a header cut short, or a data size
             that differs from ``prod(sizes) * itemsize`` (truncated or with trailing bytes).
     """
+    name = str(path)
+    try:
+        stat = Path(path).stat()
+    except OSError as exc:
+        raise DataError(f"cannot read IDX file {name!r}: {exc}") from exc
+    key = (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _CACHE:
+        if len(_CACHE) >= CACHE_FILES:
+            _CACHE.pop(next(iter(_CACHE)))  # the oldest
+        _CACHE[key] = _parse_idx(path)
+    return _CACHE[key]
+
+
+CACHE_FILES = 8  # parsed IDX files kept per process (Fashion-MNIST's four: 55 MB)
+_CACHE: dict[tuple[str, int, int], np.ndarray] = {}  # (path, mtime, size) → read-only array
+
+
+def _parse_idx(path: str | Path) -> np.ndarray:
+    """:func:`read_idx` without the cache: the file read, unzipped and parsed (read-only)."""
     name = str(path)
     try:
         raw = Path(path).read_bytes()
@@ -118,7 +139,10 @@ def read_idx(path: str | Path) -> np.ndarray:
             f"data bytes, found {found}"
         )
     data = np.frombuffer(raw, dtype=dtype, offset=start).reshape(shape)
-    return data if dtype.itemsize == 1 else data.astype(dtype.newbyteorder("="))
+    if dtype.itemsize > 1:
+        data = data.astype(dtype.newbyteorder("="))
+        data.setflags(write=False)  # shared by every caller through the cache
+    return data
 
 
 def read_idx_folder(folder: str | Path, *, source: str) -> Dataset:

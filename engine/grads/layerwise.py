@@ -40,20 +40,34 @@ def _flat_layer(layer: TrackedLayer, blocks: torch.Tensor) -> torch.Tensor:
     """(b, g, d_out, d_in [+1]) → the layer's parameters flattened in their order (b, p_layer):
     weight as ``weight.view(C_out, -1)`` (groups stacked on the output axis), then bias."""
     b = blocks.shape[0]
+    if not layer.bias:
+        return blocks.reshape(b, -1)  # (b, g·d_out·d_in), a view
     parts = {"weight": blocks[..., : layer.d_in].reshape(b, -1)}  # (b, g·d_out·d_in)
-    if layer.bias:
-        parts["bias"] = blocks[..., -1].reshape(b, -1)  # (b, g·d_out)
+    parts["bias"] = blocks[..., -1].reshape(b, -1)  # (b, g·d_out)
     return torch.cat([parts[n] for n in layer.local_names], 1)
 
 
 def layer_gradients(captures: Captures, *, selection: Selection) -> torch.Tensor:
     """Per-sample gradients (b, p_tracked) of the tracked parameters, in ``named_parameters()``
     order, materialised from raw captures: ``G_i = Σ_s δ_s a_sᵀ`` per Kronecker layer (with the
-    bias column), the exact modules' gradients as captured."""
-    mats = layer_matrices(captures)
-    cols = [_flat_layer(layer, mats[layer.name]) if layer.kind is LayerKind.KRONECKER
-            else captures.exact[layer.name] for layer in selection.layers]
-    return torch.cat(cols, 1)  # (b, p_tracked)
+    bias column), the exact modules' gradients as captured. Each block is written into its
+    columns of one (b, p_tracked) tensor (no per-layer concatenation)."""
+    if captures.projected:
+        raise ValueError("layer_gradients needs raw captures (capture(...) without a projector)")
+    b = captures.batch
+    out = None
+    for layer in selection.layers:
+        cols = slice(layer.offset, layer.offset + layer.numel)
+        if layer.kind is not LayerKind.KRONECKER:
+            block = captures.exact[layer.name]  # (b, numel)
+        else:
+            lc = captures.kron[layer.name]
+            block = _flat_layer(layer, torch.einsum("bsgo,bsgi->bgoi", lc.delta, lc.a))  # (b, numel)
+        if out is None:
+            out = torch.empty(b, selection.n_params, dtype=block.dtype, device=block.device)
+        out[:, cols] = block
+    assert out is not None
+    return out  # (b, p_tracked)
 
 
 def layerwise_grads(
