@@ -98,7 +98,7 @@ def timed_scores(run: engine.Run, tests: np.ndarray, ihvp: str) -> tuple[np.ndar
 
 def build(out: Path, *, weights: Path, args: argparse.Namespace, **options: Any) -> tuple[engine.Run, float]:
     t = time.perf_counter()
-    run = engine.build(data="digits", model=MODEL, out=out, force=True, progress=False, weights=str(weights),
+    run = engine.build(data="digits", model=args.model, out=out, force=True, progress=False, weights=str(weights),
                        dtype="float64", weight_decay=args.weight_decay, damping=args.damping,
                        seed=args.seed, device=args.device, **options)
     return run, time.perf_counter() - t
@@ -119,6 +119,8 @@ def main() -> None:
     ap.add_argument("--ks", default=",".join(map(str, KS)))
     ap.add_argument("--tests", type=int, default=50)
     ap.add_argument("--device", default="cpu", help="the runs' device (cpu or cuda); training is on the CPU")
+    ap.add_argument("--small", action="store_true",
+                    help=f"channels {qm.DIGITS_SMALL_CHANNELS} (1,898 parameters: exact in minutes on a CPU)")
     qm.add_common_args(ap, epochs=60, polish_s=30.0, work=ROOT / "runs" / "bench-kronecker-quality",
                        results=RESULTS)
     args = ap.parse_args()
@@ -127,7 +129,9 @@ def main() -> None:
     load_start = qm.load_average()
     ds = load_data("digits", seed=args.seed)
     args.work.mkdir(parents=True, exist_ok=True)
-    weights, training = qm.weights_for(args, ds, channels=qm.DIGITS_CHANNELS)
+    channels = qm.DIGITS_SMALL_CHANNELS if args.small else qm.DIGITS_CHANNELS
+    args.model = "quality_models:digits_cnn_small" if args.small else MODEL
+    weights, training = qm.weights_for(args, ds, channels=channels)
     tests = np.sort(np.random.default_rng(args.seed).choice(ds.n_test, size=args.tests, replace=False))
     rows: list[dict[str, Any]] = []
 
@@ -147,10 +151,12 @@ def main() -> None:
 
     for k in (int(v) for v in args.ks.split(",")):
         kk = min(k, p)
-        for projection, methods in (("dense", ("fisher",)), ("kronecker", ("fisher", "ekfac"))):
+        for projection, methods in (("dense", ("fisher",)), ("kronecker", ("fisher", "ekfac")),
+                                    ("kronecker-pca", ("fisher", "ekfac"))):
             folder = args.work / f"{projection}-{k}"
-            run, _ = build(folder, weights=weights, args=args, project=kk, projection=projection,
-                           ihvp=methods[-1])
+            basis = {"projection": "kronecker", "kronecker_basis": "pca"} if projection == "kronecker-pca" \
+                else {"projection": projection}
+            run, _ = build(folder, weights=weights, args=args, project=kk, ihvp=methods[-1], **basis)
             for method in methods:
                 s, q = timed_scores(run, tests, method)
                 rows.append(row(method, projection=projection, k_asked=k, run=run, scores=s, exact=exact,
@@ -163,25 +169,33 @@ def main() -> None:
     for k in (int(v) for v in args.ks.split(",")):
         dense = next(r for r in rows if r["k_asked"] == k and r["projection"] == "dense")
         kron = [r for r in rows if r["k_asked"] == k and r["projection"] == "kronecker"]
-        best = max(kron, key=lambda r: r["spearman"])
+        pca = [r for r in rows if r["k_asked"] == k and r["projection"] == "kronecker-pca"]
+        best = max(kron + pca, key=lambda r: r["spearman"])
+        pca_fisher = next(r["spearman"] for r in pca if r["method"] == "fisher")
         verdict.append({"k": k, "dense_fisher": dense["spearman"],
                         "kronecker_fisher": next(r["spearman"] for r in kron if r["method"] == "fisher"),
                         "kronecker_ekfac": next(r["spearman"] for r in kron if r["method"] == "ekfac"),
+                        "kronecker_pca_fisher": pca_fisher,
+                        "kronecker_pca_ekfac": next(r["spearman"] for r in pca if r["method"] == "ekfac"),
                         "kronecker_minus_dense_fisher_ci95": paired_ci(per_test[("kronecker", k, "fisher")],
                                                                        per_test[("dense", k, "fisher")]),
+                        "kronecker_pca_minus_dense_fisher_ci95": paired_ci(per_test[("kronecker-pca", k, "fisher")],
+                                                                           per_test[("dense", k, "fisher")]),
                         "kronecker_fisher_at_least_dense": next(
                             r["spearman"] for r in kron if r["method"] == "fisher") >= dense["spearman"],
-                        "best_kronecker": best["method"]})
+                        "kronecker_pca_fisher_at_least_dense": pca_fisher >= dense["spearman"],
+                        "best_kronecker": f"{best['projection']} {best['method']}"})
     print_table(rows, p=p)
     for v in verdict:
-        print(f"K={v['k']:>5}: kronecker fisher {v['kronecker_fisher']:.3f}, ekfac {v['kronecker_ekfac']:.3f} "
-              f"vs dense fisher {v['dense_fisher']:.3f} -> kronecker fisher ≥ dense: "
-              f"{v['kronecker_fisher_at_least_dense']} (paired difference, 95% CI "
-              f"[{v['kronecker_minus_dense_fisher_ci95'][0]:+.3f}, {v['kronecker_minus_dense_fisher_ci95'][1]:+.3f}])")
+        for name in ("kronecker", "kronecker_pca"):
+            ci = v[f"{name}_minus_dense_fisher_ci95"]
+            print(f"K={v['k']:>5}: {name} fisher {v[f'{name}_fisher']:.3f}, ekfac {v[f'{name}_ekfac']:.3f} "
+                  f"vs dense fisher {v['dense_fisher']:.3f} -> {name} fisher ≥ dense: "
+                  f"{v[f'{name}_fisher_at_least_dense']} (paired difference, 95% CI [{ci[0]:+.3f}, {ci[1]:+.3f}])")
     load_end = qm.load_average()
     print(f"load average at start {load_start}, at end {load_end}")
     result = {"case": {"data": "digits", "n_train": ds.n_train, "n_test_scored": len(tests),
-                       "test_index": tests.tolist(), "model": MODEL, "channels": list(qm.DIGITS_CHANNELS),
+                       "test_index": tests.tolist(), "model": args.model, "channels": list(channels),
                        "n_params": p, "dtype": "float64", "exact_solver": spectrum, "weight_decay": args.weight_decay,
                        "damping": args.damping, "seed": args.seed, "training": training,
                        "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),

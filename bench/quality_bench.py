@@ -88,6 +88,9 @@ class Method:
 def methods(ks: list[int]) -> list[Method]:
     projected = [Method(f"{kind} K={k} {ihvp}", "ours", {"ihvp": ihvp, "project": k, "projection": kind})
                  for k in ks for kind, ihvp in (("dense", "fisher"), ("kronecker", "fisher"), ("kronecker", "ekfac"))]
+    projected += [Method(f"kronecker-pca K={k} {ihvp}", "ours", {"ihvp": ihvp, "project": k, "projection": "kronecker",
+                                                               "kronecker_basis": "pca"})
+                  for k in ks for ihvp in ("fisher", "ekfac")]
     return [  # cheap ones first, so that a stop or a timeout leaves the most rows
         Method("exact", "ours", {"ihvp": "exact"}, models=("logreg",)),
         Method("ekfac", "ours", {"ihvp": "ekfac"}),

@@ -34,6 +34,7 @@ from .distributed import Comm, LocalComm, reduced_hessian, reduced_hvp, shard_ro
 from .ensemble import check_ensemble, member_folder, member_seed, record_ensemble
 from .errors import InfluenceError, RunError
 from .grads.layers import select_modules
+from .grads.pca import PCA_SAMPLES
 from .grads.space import CALIBRATION_SAMPLES, make_space
 from .ihvp import data_hessian, full_hvp, projected_curvature
 from .ihvp.hessian import linear_layer
@@ -55,7 +56,7 @@ from .stages import accuracy, ekfac_factors, train_theta
 from .store.files import load_json, load_tensors, save_json, save_tensors
 from .store.gradients import DONE_FILE, MANIFEST_FILE
 from .store.resident import ResidentStore
-from .store_stage import MappedRows, user_grad_norm, write_store
+from .store_stage import MappedRows, kronecker_bases, user_grad_norm, write_store
 
 __all__ = ["ENGINE_VERSION", "STATE_FILE", "build", "partial_folder"]
 
@@ -304,6 +305,9 @@ def _build_into(folder: Path, config: BuildConfig, *, requested: str, progress: 
         np.array(y_all[:CALIBRATION_SAMPLES]))  # the same on every rank: the same split of K
     space = make_space(obj, theta, projection=config.projection, k=config.project, seed=config.seed,
                        params=config.params, x=calibration[0], y=calibration[1])
+    if config.kronecker_basis == "pca":
+        kronecker_bases(folder, space, torch.from_numpy(np.array(x_all[:PCA_SAMPLES])),
+                        torch.from_numpy(np.array(y_all[:PCA_SAMPLES])), comm=comm, threads=config.train.threads)
     store_dtype = _store_dtype(config, dtype)
     extra = {"data_fingerprint": data_fp, "model_fingerprint": model_fp, "projection": space.describe()}
     gather = write_store(folder, space, x, y, mine=mine, n=n, store_dtype=store_dtype, chunk=config.chunk_size,

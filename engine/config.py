@@ -136,6 +136,8 @@ class BuildConfig:
     ihvp: IHVPMethod = IHVPMethod.EXACT
     project: int | None = None
     projection: str = "dense"  # dense (one Gaussian P) or kronecker (per layer P_outᵀ G P_in)
+    kronecker_basis: str = "random"  # kronecker's P_in, P_out: seeded random, or pca (top eigenvectors
+    # of each layer's input and output-gradient covariances, saved with the run)
     params: str | None = None  # fnmatch patterns of the tracked modules (None: every parameter)
     device: str = "auto"
     seed: int = 0

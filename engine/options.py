@@ -44,6 +44,9 @@ def add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--projection", choices=("dense", "kronecker"), default=d("projection"),
                    help="dense: one Gaussian P (p, K); kronecker: per layer P_outᵀ G P_in from the "
                         "layer's inputs and output gradients, never forming G (large networks)")
+    p.add_argument("--kronecker-basis", choices=("random", "pca"), default=d("kronecker_basis"),
+                   help="kronecker's per-layer P_in, P_out: seeded random, or pca: the top eigenvectors "
+                        "of each layer's input and output-gradient covariances (saved with the run)")
     p.add_argument("--params", default=d("params"), metavar="PATTERNS",
                    help="comma-separated fnmatch patterns of the modules whose parameters are "
                         "tracked (e.g. fc: last-layer influence); default every parameter")
@@ -86,6 +89,7 @@ def build_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {
         "weight_decay": args.weight_decay, "damping": args.damping, "ihvp": args.ihvp,
         "project": args.project, "projection": args.projection, "params": args.params,
+        "kronecker_basis": args.kronecker_basis,
         "device": args.device, "seed": args.seed,
         "train_size": args.train_size, "test_size": args.test_size, "dtype": args.dtype,
         "label_noise": args.label_noise, "ensemble": args.ensemble,

@@ -18,6 +18,7 @@ import torch
 from .data import Dataset, fingerprint, load_data
 from .errors import RunError, StaleRunError
 from .grads.layers import select_modules
+from .grads.pca import BASES_FILE, bases_from_tensors
 from .grads.projection import Projector
 from .grads.space import GradientSpace, space_from_manifest
 from .models import (
@@ -146,7 +147,11 @@ def load_parts(path: Path, info: RunInfo, *, device: str | None, dataset: Datase
     if (resident is None or tuple(resident.shape) != tuple(array.shape) or resident.data.device != dev
             or resident.data.dtype != TORCH_DTYPES[manifest["dtype"]] or resident.compute_dtype != dtype):
         resident = ResidentStore.load(array, manifest["dtype"], device=dev, compute_dtype=dtype)  # (n, d)
-    space = space_from_manifest(objective, theta, manifest.get("projection"))
+    projection = manifest.get("projection") or {}
+    bases = None
+    if projection.get("basis") == "pca":
+        bases = bases_from_tensors(load_tensors(path / BASES_FILE))
+    space = space_from_manifest(objective, theta, manifest.get("projection"), bases=bases)
     cpath = path / CURVATURE_FILE
     if config.ihvp.needs_curvature_file and not cpath.exists():
         raise RunError(f"{cpath}: missing (the {config.ihvp.value} curvature of this run); "

@@ -232,6 +232,10 @@ def check_config(config: BuildConfig, requested: str) -> None:
         raise InfluenceError(f"--projection must be one of {', '.join(PROJECTIONS)}, got {config.projection!r}")
     if config.projection == "kronecker" and config.project is None:
         raise InfluenceError("--projection kronecker needs --project K (the store's dimension)")
+    if config.kronecker_basis not in ("random", "pca"):
+        raise InfluenceError(f"--kronecker-basis must be random or pca, got {config.kronecker_basis!r}")
+    if config.kronecker_basis == "pca" and (config.projection != "kronecker" or config.project is None):
+        raise InfluenceError("--kronecker-basis pca needs --projection kronecker --project K")
     if requested != AUTO_IHVP:
         check_method(config)
     if not config.svm_temperature > 0:

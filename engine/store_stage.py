@@ -27,16 +27,18 @@ from .errors import ModelError
 from .grads.capture import Captures
 from .grads.layers import Selection, select_modules
 from .grads.layerwise import layerwise_grads
+from .grads.pca import BASES_FILE, bases_from_tensors, bases_to_tensors, pca_bases
 from .grads.space import GradientSpace
 from .ihvp.ekfac import CovarianceAccumulator
 from .models.objective import Objective
 from .models.threads import intra_op_threads
 from .models.train import objective_value_and_grad
 from .stages import capture_batches, ekfac_layout, row_runs
+from .store.files import load_tensors, save_tensors
 from .store.gradients import GRADS_FILE, MANIFEST_FILE, TORCH_DTYPES, StoreWriter, as_torch, open_store
 from .store.resident import ResidentStore
 
-__all__ = ["MappedRows", "PassGather", "full_selection", "user_grad_norm", "write_store"]
+__all__ = ["MappedRows", "PassGather", "full_selection", "kronecker_bases", "user_grad_norm", "write_store"]
 
 
 @dataclass
@@ -182,3 +184,26 @@ def user_grad_norm(obj_all: Objective, theta_all: torch.Tensor, gather: PassGath
         return float(g.norm()), "store rows"
     _, g = objective_value_and_grad(obj_all, theta_all, x, y, weight_decay=weight_decay, chunk=batch)
     return float(g.norm()), "full-batch pass"
+
+
+def kronecker_bases(folder: Path, space: GradientSpace, x: torch.Tensor, y: torch.Tensor, *,
+                    comm: Comm, threads: int) -> None:
+    """Give ``space``'s Kronecker projector the data-aware (pca) bases of
+    :mod:`engine.grads.pca` from x, y (the first PCA_SAMPLES training points, the same on every
+    rank): read from ``folder``'s bases file when an interrupted build saved them, else computed
+    (every rank takes rank 0's) and saved there by rank 0 before any row is written."""
+    kron = space.kronecker
+    assert kron is not None
+    path = folder / BASES_FILE
+    if path.is_file():
+        kron.set_bases(bases_from_tensors(load_tensors(path)))
+        return
+    obj = space.objective
+    with space.hooks(), intra_op_threads(threads):
+        bases = pca_bases(obj.model, obj.loss_fn, x.to(obj.device, obj.dtype), y.to(obj.device), projector=kron)
+    bases = {name: (comm.broadcast(p_out.contiguous()), comm.broadcast(p_in.contiguous()))
+             for name, (p_out, p_in) in bases.items()}
+    kron.set_bases(bases)
+    if comm.is_root:
+        save_tensors(path, bases_to_tensors(bases))
+    comm.barrier()

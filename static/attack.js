@@ -1,14 +1,14 @@
 /* influence dashboard: the test-point page's attack panel (Koh & Liang §5.2). The form POSTs
-   {test_id, n_points, epsilon, iterations} to /api/v1/attacks (202: a job), polls the job's url
-   every POLL_MS for progress, and shows the result: flipped or not, the prediction before and
-   after retraining, the bound, and each perturbed training image as original | δ | perturbed. */
+   {test_id, n_points, epsilon, iterations} to /api/v1/attacks (202: a job), follows the job
+   (static/lib/jobs.js: progress, and a Cancel button while it runs) and shows the result:
+   flipped or not, the prediction before and after retraining, the bound, and each perturbed
+   training image as original | δ | perturbed. */
 (function () {
   "use strict";
 
-  var POLL_MS = 500;
-
   var http = window.influence.http;  // static/lib/http.js: api() fetches JSON and says why it failed
   var dom = window.influence.dom;  // static/lib/dom.js
+  var jobs = window.influence.jobs;  // static/lib/jobs.js: follows and cancels a job
   var el = dom.el;
 
   function pct(p) { return (100 * p).toFixed(1) + "%"; }
@@ -21,6 +21,7 @@
     var text = panel.querySelector(".attack-progress-text");
     var out = panel.querySelector(".attack-result");
     var button = form.querySelector("button[type=submit]");
+    var stop = panel.querySelector("button.job-cancel");
     function cls(i) { return i in names ? names[i] : String(i); }
 
     function say(message, isError) {
@@ -28,7 +29,7 @@
       status.classList.toggle("error", !!isError);
     }
 
-    function finish() { button.disabled = false; button.classList.remove("busy"); }
+    function finish() { dom.busy(button, false); }
 
     function fact(term, value) { return [el("dt", { text: term }), el("dd", {}, [value])]; }
 
@@ -67,24 +68,26 @@
       out.hidden = false;
     }
 
-    function poll(url) {
-      http.api("GET", url).then(function (job) {
-        var p = job.progress || {};
-        if (p.total) { bar.max = p.total; bar.value = p.done; } else { bar.removeAttribute("value"); }
-        if (job.status === "done") {
-          bar.value = bar.max;
-          say("done in " + job.seconds.toFixed(1) + " s");
-          show(job);
-          finish();
-        } else if (job.status === "error") {
-          say("The attack failed: " + job.error, true);
-          finish();
-        } else {
-          say(job.status === "queued" ? "waiting for another job to finish…"
+    function follow(job) {
+      jobs.follow(job.id, {
+        bar: bar, cancel: stop, say: say,
+        progress: function (j) {
+          var p = j.progress || {};
+          say(j.status === "queued" ? "waiting for another job to finish…"
               : "retraining " + (p.total ? p.done + " of at most " + p.total : "…"));
-          window.setTimeout(function () { poll(url); }, POLL_MS);
-        }
-      }, function (err) { say("Could not follow the attack: " + err.message, true); finish(); });
+        },
+        done: function (j) {
+          say("done in " + j.seconds.toFixed(1) + " s");
+          show(j);
+          finish();
+        },
+        failed: function (j) { say("The attack failed: " + j.error, true); finish(); },
+        cancelled: function (j) {
+          say("Cancelled after " + dom.plural(j.progress.done, "retraining") + "; nothing was kept.");
+          finish();
+        },
+        lost: function (err) { say("Could not follow the attack: " + err.message, true); finish(); }
+      });
     }
 
     form.addEventListener("submit", function (e) {
@@ -92,13 +95,12 @@
       var body = { test_id: parseInt(form.getAttribute("data-test-id"), 10) };
       ["n_points", "iterations"].forEach(function (k) { body[k] = parseInt(form.elements[k].value, 10); });
       body.epsilon = parseFloat(form.elements.epsilon.value);
-      button.disabled = true;
-      button.classList.add("busy");
+      dom.busy(button, true);
       out.hidden = true;
       status.hidden = false;
       bar.removeAttribute("value");
       say("starting…");
-      http.guardedApi("POST", "/api/v1/attacks", body).then(function (job) { poll(job.url); },
+      http.guardedApi("POST", "/api/v1/attacks", body).then(follow,
         function (err) { say("Could not start the attack: " + err.message, true); finish(); });
     });
   }

@@ -1,15 +1,15 @@
 /* influence dashboard: the overview's reliability jobs (LDS, mislabel check, brittleness). Each
-   form[data-job-url] POSTs its fields as JSON to that route (202: a background job), polls the
-   job's url every POLL_MS and shows its progress in the form's status line (role="status", so
+   form[data-job-url] POSTs its fields as JSON to that route (202: a background job), follows the
+   job (static/lib/jobs.js) and shows its progress in the form's status line (role="status", so
    screen readers hear it), then fetches the overview again and swaps in the fresh results
-   (the element named by data-refresh), without reloading the page. */
+   (the element named by data-refresh), without reloading the page. A status line with a
+   button.job-cancel offers to cancel the running job; the form can start it again afterwards. */
 (function () {
   "use strict";
 
-  var POLL_MS = 500;
-
   var http = window.influence.http;  // static/lib/http.js
   var dom = window.influence.dom;  // static/lib/dom.js
+  var jobs = window.influence.jobs;  // static/lib/jobs.js: follows and cancels a job
 
   /* the form's fields as the route's JSON body: numbers for number inputs, blanks left out */
   function body(form) {
@@ -40,6 +40,7 @@
     var bar = status.querySelector("progress");
     var text = status.querySelector(".job-text");
     var button = form.querySelector("button[type=submit]");
+    var stop = status.querySelector("button.job-cancel");  // where the template offers a Cancel
 
     function say(message, isError) {
       status.hidden = false;
@@ -47,27 +48,33 @@
       status.classList.toggle("error", !!isError);
     }
 
-    function poll(url) {
-      http.api("GET", url).then(function (job) {
-        var p = job.progress || {};
-        if (p.total) { bar.max = p.total; bar.value = p.done; } else { bar.removeAttribute("value"); }
-        if (job.status === "done") {
-          bar.value = bar.max;
+    function ended(message, isError) {
+      say(message, isError);
+      dom.busy(button, false);
+    }
+
+    function follow(job) {
+      jobs.follow(job.id, {
+        bar: bar, cancel: stop, say: say,
+        progress: function (j) {
+          var p = j.progress || {};
+          say(j.status === "queued" ? "Waiting for another job to finish…"
+              : p.total ? "Retraining: " + p.done + " of " + p.total + " done…" : "Running…");
+        },
+        done: function (j) {
           return refresh(form.getAttribute("data-refresh")).then(function () {
-            say("Done in " + job.seconds.toFixed(1) + " s; the results above are updated.");
-            dom.busy(button, false);
+            ended("Done in " + j.seconds.toFixed(1) + " s; the results above are updated.");
           });
-        }
-        if (job.status === "error") {
-          say("The job failed: " + job.error, true);
-          dom.busy(button, false);
-          return null;
-        }
-        say(job.status === "queued" ? "Waiting for another job to finish…"
-            : p.total ? "Retraining: " + p.done + " of " + p.total + " done…" : "Running…");
-        window.setTimeout(function () { poll(url); }, POLL_MS);
-        return null;
-      }).catch(function (err) { say("Could not follow the job: " + err.message, true); dom.busy(button, false); });
+        },
+        failed: function (j) { ended("The job failed: " + j.error, true); },
+        cancelled: function (j) {
+          var p = j.progress || {};
+          var hint = stop && stop.getAttribute("data-cancelled");  // what was kept, if anything
+          ended("Cancelled" + (p.total ? " after " + p.done + " of " + p.total + " retrainings" : "") + "." +
+                (hint ? " " + hint : ""));
+        },
+        lost: function (err) { ended("Could not follow the job: " + err.message, true); }
+      });
     }
 
     form.addEventListener("submit", function (e) {
@@ -76,8 +83,7 @@
       bar.removeAttribute("value");
       say("Starting…");
       http.guardedApi("POST", form.getAttribute("data-job-url"), body(form)).then(
-        function (job) { poll(job.url); },
-        function (err) { say("Could not start the job: " + err.message, true); dom.busy(button, false); });
+        follow, function (err) { ended("Could not start the job: " + err.message, true); });
     });
   }
 

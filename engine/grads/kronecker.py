@@ -108,7 +108,8 @@ class KroneckerProjector:
 
     def __init__(self, selection: Selection, k: int, *, seed: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu",
-                 weights: Mapping[str, float] | None = None) -> None:
+                 weights: Mapping[str, float] | None = None,
+                 bases: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
         self.selection = selection
         self.requested_k = int(k)
         self.seed = int(seed)
@@ -128,16 +129,42 @@ class KroneckerProjector:
         self._mats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._convs: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._exact: torch.Tensor | None = None
+        self.basis = "random"
+        if bases is not None:
+            self.set_bases(bases)
 
     @classmethod
     def from_split(cls, selection: Selection, split: Mapping[str, object], *,
-                   dtype: torch.dtype, device: torch.device | str = "cpu") -> KroneckerProjector:
-        """The projector a recorded :meth:`split` describes (same K, seed, weights: same P)."""
+                   dtype: torch.dtype, device: torch.device | str = "cpu",
+                   bases: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+                   ) -> KroneckerProjector:
+        """The projector a recorded :meth:`split` describes (same K, seed, weights: same P; a
+        split with ``basis`` "pca" needs its saved ``bases``)."""
+        if split.get("basis", "random") == "pca" and bases is None:
+            raise ModelError("this Kronecker store was projected on data-aware (pca) bases, and "
+                             "they were not given (the run's bases file is missing)")
         proj = cls(selection, int(split["requested_k"]), seed=int(split["seed"]),  # type: ignore[call-overload]
-                   dtype=dtype, device=device, weights=split.get("weights"))  # type: ignore[arg-type]
+                   dtype=dtype, device=device, weights=split.get("weights"),  # type: ignore[arg-type]
+                   bases=bases if split.get("basis", "random") == "pca" else None)
         if proj.split()["blocks"] != split["blocks"]:
             raise ModelError("the recorded Kronecker split does not match this model's layers")
         return proj
+
+    def set_bases(self, bases: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Use the given (P_out (g·d_out, k_out), P_in (g·(d_in [+1]), k_in)) of every Kronecker
+        layer instead of the seeded random ones (e.g. :func:`engine.grads.pca.pca_bases`)."""
+        mats = {}
+        for layer in self.selection.kronecker:
+            if layer.name not in bases:
+                raise ModelError(f"no Kronecker basis for layer {layer.name!r}")
+            p_out, p_in = bases[layer.name]
+            ko, ki = self._factors[layer.name]
+            if tuple(p_out.shape) != (layer.out_rows, ko) or tuple(p_in.shape) != (layer.in_rows, ki):
+                raise ModelError(f"the Kronecker basis of {layer.name!r} has shapes {tuple(p_out.shape)}, "
+                                 f"{tuple(p_in.shape)}; this split needs ({layer.out_rows}, {ko}), "
+                                 f"({layer.in_rows}, {ki})")
+            mats[layer.name] = (p_out.to(self.device, self.dtype), p_in.to(self.device, self.dtype))
+        self._mats, self._convs, self.basis = mats, {}, "pca"
 
     # ---------------------------------------------------------------- the split
     def _block_weights(self, weights: Mapping[str, float]) -> dict[str, float]:
@@ -206,7 +233,7 @@ class KroneckerProjector:
                            "params": self.p_exact, "whole": self.exact_whole})
         return {"projection": "kronecker", "requested_k": self.requested_k, "k": self.k,
                 "seed": self.seed, "rule": SPLIT_RULE if self.weights is None else WEIGHTED_RULE,
-                "weights": self.weights, "blocks": blocks}
+                "weights": self.weights, "blocks": blocks, "basis": self.basis}
 
     # ---------------------------------------------------------------- the matrices
     def factors(self, name: str) -> tuple[int, int]:

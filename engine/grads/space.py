@@ -96,7 +96,8 @@ class GradientSpace:
         """The manifest's ``projection`` entry (None for full gradients)."""
         if self.kronecker is not None:
             return {"kind": ProjectionKind.KRONECKER.value, "k": self.kronecker.k,
-                    "seed": self.kronecker.seed, "split": self.kronecker.split(),
+                    "seed": self.kronecker.seed, "basis": self.kronecker.basis,
+                    "split": self.kronecker.split(),
                     "params": None if self.selection is None or self.selection.patterns is None
                     else ",".join(self.selection.patterns)}
         if self.projector is not None:
@@ -126,8 +127,10 @@ def make_space(objective: Objective, theta: torch.Tensor, *, projection: str, k:
 
 
 def space_from_manifest(objective: Objective, theta: torch.Tensor,
-                        projection: Mapping[str, Any] | None) -> GradientSpace:
-    """The space a store was written in, from its manifest's ``projection`` entry."""
+                        projection: Mapping[str, Any] | None,
+                        bases: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> GradientSpace:
+    """The space a store was written in, from its manifest's ``projection`` entry (and, for
+    Kronecker PCA bases, the saved ``bases``)."""
     if not projection:
         return GradientSpace(objective, theta)
     if projection.get("kind", ProjectionKind.DENSE.value) == ProjectionKind.DENSE.value:
@@ -136,5 +139,5 @@ def space_from_manifest(objective: Objective, theta: torch.Tensor,
             dtype=objective.dtype, device=objective.device))
     selection = select_modules(objective.model, projection.get("params"))
     kron = KroneckerProjector.from_split(selection, projection["split"], dtype=objective.dtype,
-                                         device=objective.device)
+                                         device=objective.device, bases=bases)
     return GradientSpace(objective, theta, kronecker=kron, selection=selection)

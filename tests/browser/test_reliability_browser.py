@@ -1,7 +1,8 @@
 """The overview's reliability panel in headless Chromium: the saved LDS with its 95% CI, interval
 bar and published references, the mislabel AUC/recall table and the brittleness summary; the
 "Compute LDS" button runs a background job, shows its progress and puts the new result in the
-panel without a page load; nothing logs an error.
+panel without a page load; its Cancel button stops the job (the form then starts it again) and a
+refused cancel says why; nothing logs an error.
 
 A run of its own (90 train / 30 test 8×8 images, logreg, 10% of the training labels flipped and
 recorded), so that the mislabel check has flips to find; its LDS and checks computed by the engine
@@ -121,4 +122,127 @@ def test_a_refused_lds_request_says_why(rtab: Tab) -> None:
     text.filter(has_text="Could not start").wait_for()
     assert "test points" in text.inner_text() and "HTTP 422" in text.inner_text()
     assert page.locator("#lds .job-status").get_attribute("class") == "job-status error"
+    rtab.assert_clean()
+
+
+# ------------------------------------------------------------------------------ cancelling a job
+SLOW_SUBSETS = 400  # about a second a retraining on this run: minutes in all, so a cancel always lands first
+TEXTS = "#lds .job-status .job-text"
+
+
+def record_texts(page: Any) -> None:
+    """Keep every text the LDS status line shows in ``window.shownTexts`` (states that pass quickly
+    included), so a test can check their order instead of racing the poller."""
+    page.evaluate("sel => { const t = document.querySelector(sel); window.shownTexts = [];"
+                  " new MutationObserver(() => window.shownTexts.push(t.textContent))"
+                  ".observe(t, {childList: true, characterData: true, subtree: true}); }", TEXTS)
+
+
+def start_slow_lds(rtab: Tab) -> dict[str, Any]:
+    """Submit the LDS form with SLOW_SUBSETS and wait until the job retrains; the job the POST answered."""
+    page = rtab.page
+    form = page.locator("form.lds-form")
+    form.locator("input[name=subsets]").fill(str(SLOW_SUBSETS))
+    form.locator("input[name=tests]").fill("5")
+    with page.expect_response(lambda r: r.url == rtab.base + "/api/v1/lds") as answer:
+        form.locator("button[type=submit]").click()
+    job = answer.value.json()
+    assert answer.value.status == 202 and job["status"] in ("queued", "running")
+    page.locator(TEXTS).filter(has_text="Retraining:").wait_for()
+    return job
+
+
+def job_state(rtab: Tab, job_id: str) -> dict[str, Any]:
+    response = rtab.page.request.get(f"{rtab.base}/api/v1/jobs/{job_id}")
+    assert response.ok
+    return response.json()
+
+
+def cancel_quietly(rtab: Tab, *jobs: dict[str, Any]) -> None:
+    """Leave no retraining behind for the module's next tests (a finished job is unchanged)."""
+    for job in jobs:
+        rtab.page.request.delete(f"{rtab.base}/api/v1/jobs/{job['id']}")
+
+
+def test_cancel_button_stops_the_lds_job_and_the_form_starts_it_again(rtab: Tab) -> None:
+    page = rtab.page
+    rtab.goto("/")
+    rows = page.locator("#lds tr.lds-row").count()
+    submit = page.locator("form.lds-form button[type=submit]")
+    cancel = page.locator("#lds .job-status button.job-cancel")
+    assert cancel.is_hidden()
+    record_texts(page)
+    first = start_slow_lds(rtab)
+    second: dict[str, Any] = {"id": first["id"]}
+    try:
+        assert cancel.is_visible() and cancel.is_enabled() and submit.is_disabled()
+        rtab.screenshot("overview_lds_running")
+        cancel.click()
+        page.locator(TEXTS).filter(has_text="Cancelled after").wait_for()
+        job = job_state(rtab, first["id"])
+        assert (job["status"], job["error_kind"]) == ("error", "cancelled")
+        done, total = job["progress"]["done"], job["progress"]["total"]
+        assert total == SLOW_SUBSETS and done < total
+        shown = page.evaluate("() => window.shownTexts")
+        cancelling, cancelled = shown.index("Cancelling…"), len(shown) - 1
+        assert cancelling < cancelled and all(t == "Cancelling…" for t in shown[cancelling:cancelled])
+        assert shown[-1] == (f"Cancelled after {done} of {SLOW_SUBSETS} retrainings. The retrained subsets "
+                             "are kept: the same settings resume from them.")
+        assert page.locator("#lds .job-status").get_attribute("class") == "job-status"  # not an error
+        assert cancel.is_hidden() and submit.is_enabled()
+        assert page.locator("#lds tr.lds-row").count() == rows  # nothing saved
+        rtab.screenshot("overview_lds_cancelled")
+
+        # the form is usable again: the same settings start a new job, which resumes from the cache
+        second = start_slow_lds(rtab)
+        assert second["id"] != first["id"]
+        assert cancel.is_visible() and cancel.is_enabled()
+        assert job_state(rtab, second["id"])["progress"]["done"] >= done
+        cancel.click()
+        page.locator(TEXTS).filter(has_text="Cancelled after").wait_for()
+        assert job_state(rtab, second["id"])["error_kind"] == "cancelled"
+        assert cancel.is_hidden() and submit.is_enabled()
+    finally:
+        cancel_quietly(rtab, first, second)
+    rtab.assert_clean()
+
+
+def test_a_refused_cancel_says_why_and_can_be_tried_again(rtab: Tab) -> None:
+    page = rtab.page
+    rtab.goto("/")
+    job = start_slow_lds(rtab)
+    try:
+        # the job is forgotten by the time the DELETE arrives: the real server answers 404
+        path, gone = f"/api/v1/jobs/{job['id']}", "/api/v1/jobs/no-such-job"
+        rtab.expected_status.update({path: 404, gone: 404})
+
+        def forget(route: Any) -> None:
+            if route.request.method == "DELETE":
+                route.continue_(url=rtab.base + gone)
+            else:
+                route.continue_()
+
+        page.route(rtab.base + path, forget)
+        cancel = page.locator("#lds .job-status button.job-cancel")
+        cancel.click()
+        text = page.locator(TEXTS)
+        text.filter(has_text="Could not cancel").wait_for()
+        message = text.inner_text()
+        assert message.startswith("Could not cancel the job: not found (HTTP 404): no job 'no-such-job'")
+        assert "\n" not in message
+        assert page.locator("#lds .job-status").get_attribute("class") == "job-status error"
+        assert cancel.is_visible() and cancel.is_enabled()
+        # the job goes on: the bar moves, and the message stays until the next try
+        seen = page.locator("#lds .job-status progress").evaluate("p => p.value")
+        page.wait_for_function("v => document.querySelector('#lds .job-status progress').value > v", arg=seen)
+        assert text.inner_text() == message
+        assert job_state(rtab, job["id"])["status"] == "running"
+
+        page.unroute(rtab.base + path)
+        cancel.click()
+        text.filter(has_text="Cancelled after").wait_for()
+        assert job_state(rtab, job["id"])["error_kind"] == "cancelled"
+        assert page.locator("#lds .job-status").get_attribute("class") == "job-status"
+    finally:
+        cancel_quietly(rtab, job)
     rtab.assert_clean()
