@@ -1,6 +1,7 @@
 """The group page, the trust panel and badge, the mislabel ranking switch, the layer chart and
 the attack panel in headless Chromium: forms lead to URLs that reproduce the view, plots draw,
-images load, the retraining check and the attack finish, and nothing logs an error."""
+images load, the retraining check and the attack finish (or the attack is cancelled with its
+button), and nothing logs an error."""
 
 from __future__ import annotations
 
@@ -175,4 +176,34 @@ def test_attack_panel_runs_an_attack_and_shows_the_images(tab: Tab) -> None:
     assert "ε = 0.5" in facts and "12 training images" in facts
     page.locator("#attack").scroll_into_view_if_needed()
     tab.screenshot("attack")
+    tab.assert_clean()
+
+
+def test_attack_cancel_button_stops_the_attack(tab: Tab) -> None:
+    page = tab.page
+    tab.goto("/test-points/0")
+    form = page.locator("form[data-attack]")
+    cancel = page.locator("#attack .attack-status button.job-cancel")
+    assert cancel.is_hidden()
+    # one image moved by at most 0.01 cannot flip the prediction: all 50 retrainings would run
+    form.locator("input[name=n_points]").fill("1")
+    form.locator("input[name=epsilon]").fill("0.01")
+    form.locator("input[name=iterations]").fill("50")
+    with page.expect_response(lambda r: r.url == tab.base + "/api/v1/attacks") as answer:
+        form.locator("button[type=submit]").click()
+    job = answer.value.json()
+    try:
+        text = page.locator(".attack-progress-text")
+        text.filter(has_text="retraining").wait_for()
+        assert cancel.is_visible() and form.locator("button[type=submit]").is_disabled()
+        cancel.click()
+        text.filter(has_text="Cancelled after").wait_for(timeout=60_000)
+        state = api(tab, job["url"])
+        assert (state["status"], state["error_kind"]) == ("error", "cancelled")
+        assert state["progress"]["done"] < 50
+        assert text.inner_text().startswith(f"Cancelled after {state['progress']['done']} retraining")
+        assert cancel.is_hidden() and form.locator("button[type=submit]").is_enabled()
+        assert page.locator(".attack-result").is_hidden()
+    finally:
+        page.request.delete(tab.base + job["url"])
     tab.assert_clean()

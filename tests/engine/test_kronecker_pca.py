@@ -40,7 +40,7 @@ def test_top_eigenvectors_dense_and_randomised_agree_with_eigh() -> None:
         assert torch.allclose(got.T @ got, torch.eye(k, dtype=torch.float64), atol=1e-10)
         assert _span_distance(got, q[:, :k]) < 1e-8
     small = cov[:50, :50]
-    vals, vecs = torch.linalg.eigh(small)
+    _, vecs = torch.linalg.eigh(small)
     got = top_eigenvectors(small, 3)
     assert _span_distance(got, vecs[:, -3:]) < 1e-8
     assert (got[got.abs().argmax(0), torch.arange(3)] > 0).all()  # signs fixed
@@ -61,7 +61,7 @@ def test_pca_bases_are_the_top_eigenvectors_of_independently_computed_covariance
 
     ones = torch.ones(len(x), 1, dtype=torch.float64)
     a0 = torch.cat([x, ones], 1)  # (n, 7): the first layer's input with its bias column
-    k_out0, k_in0 = proj.factors("0")
+    _, k_in0 = proj.factors("0")
     _, vecs = torch.linalg.eigh(a0.T @ a0)
     assert _span_distance(bases["0"][1], vecs[:, -k_in0:]) < 1e-8
     with torch.no_grad():
