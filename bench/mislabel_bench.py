@@ -45,7 +45,13 @@ def _run(model: str, args: argparse.Namespace) -> tuple[engine.Run, float | None
     """The run for ``model``: reopened when its folder exists (build seconds None), else built."""
     epochs = f"-e{args.epochs}" if args.epochs and model not in WEIGHT_DECAY else ""
     lam = f"-wd{args.weight_decay:g}" if args.weight_decay is not None else ""
-    out = Path(args.runs) / f"{model}-{args.train_size}-noise{args.label_noise:g}-seed{args.seed}{epochs}{lam}"
+    extra = {k: v for k, v in (("ihvp", args.ihvp), ("project", args.project), ("projection", args.projection),
+                               ("kronecker_basis", args.kronecker_basis)) if v is not None}
+    arch = {k: v for k, v in (("hidden", tuple(args.hidden) if args.hidden else None), ("width", args.width))
+            if v is not None}
+    tag = "".join(f"-{k}{v if not isinstance(v, tuple) else 'x'.join(map(str, v))}"
+                  for k, v in {**extra, **arch}.items())
+    out = Path(args.runs) / f"{model}-{args.train_size}-noise{args.label_noise:g}-seed{args.seed}{epochs}{lam}{tag}"
     if out.is_dir() and not args.rebuild:
         try:
             return engine.open_run(out), None
@@ -57,8 +63,10 @@ def _run(model: str, args: argparse.Namespace) -> tuple[engine.Run, float | None
         options["weight_decay"] = args.weight_decay
     elif model in WEIGHT_DECAY:
         options["weight_decay"] = WEIGHT_DECAY[model]
-    if args.epochs and model not in WEIGHT_DECAY:
-        options["train"] = TrainConfig(epochs=args.epochs)
+    train = {**({"epochs": args.epochs} if args.epochs and model not in WEIGHT_DECAY else {}), **arch}
+    if train:
+        options["train"] = TrainConfig(**train)
+    options.update(extra)
     t = time.perf_counter()
     run = engine.build(args.data, model, out, force=True, progress=args.progress, **options)
     return run, time.perf_counter() - t
@@ -125,6 +133,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="λ for every model (default: 0.01 for logreg, the config's for networks)")
     parser.add_argument("--epochs", type=int, default=0, help="networks: at most this many epochs (0: default)")
     parser.add_argument("--percents", type=float, nargs="+", default=[1, 5, 10, 20])
+    parser.add_argument("--ihvp", default=None, help="the runs' IHVP method (default: auto)")
+    parser.add_argument("--project", type=int, default=None, help="store dimension K")
+    parser.add_argument("--projection", default=None, help="dense or kronecker")
+    parser.add_argument("--kronecker-basis", default=None, help="random or pca")
+    parser.add_argument("--hidden", type=int, nargs="*", default=None, help="mlp hidden widths")
+    parser.add_argument("--width", type=int, default=None, help="resnet base width")
     parser.add_argument("--extra-ihvp", nargs="*", default=[], help="more IHVP methods for self-influence")
     parser.add_argument("--brittle-tests", type=int, default=0,
                         help="also search the brittleness k of this many correctly predicted test points")
