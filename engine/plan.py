@@ -18,6 +18,7 @@ import torch
 
 from .config import AUTO_IHVP, BuildConfig, IHVPMethod, ModelKind
 from .errors import InfluenceError
+from .grads.pca import PCA_SAMPLES
 from .models.objective import Objective
 from .models.threads import intra_op_threads
 from .models.train import planned_epochs
@@ -204,14 +205,18 @@ def plan_build(config: BuildConfig, objective: Objective, x: torch.Tensor, y: to
         note = ("per-sample gradients (chunk, p) whole" + (" and the dense P (p, K)" if k else "")
                 + "; for a large network use --projection kronecker --project K --store-dtype float16")
     store_bytes = n * store_dim * store_item
+    if kron and config.kronecker_basis == "pca":  # one raw capture pass over the first PCA_SAMPLES
+        stages.append(Stage("kronecker bases", min(n, PCA_SAMPLES) * fb * 3, 3 * p * itemsize,
+                            f"layer covariances of {min(n, PCA_SAMPLES):,} points and their eigenvectors"))
     stages.append(Stage("gradients", grad_s, grad_peak + store_bytes, note))
     if ihvp is IHVPMethod.EXACT:
         curv_s = 0.0 if linear else p * n * fb * 2 / 32
         stages.append(Stage("curvature", curv_s, 3 * p * p * 8, "a dense p×p Hessian (exact)"))
     elif ihvp is IHVPMethod.PROJECTED:
         stages.append(Stage("curvature", (k or 0) * n * fb * 2 / 32, 3 * store_dim**2 * 8, "K HVP columns PᵀHP"))
-    elif ihvp is IHVPMethod.EKFAC:
-        stages.append(Stage("curvature", 2 * n * fb * 1.5, 2 * store_dim * 8, "two passes for the factors"))
+    elif ihvp is IHVPMethod.EKFAC:  # covariances during the store pass, Λ from the rows in memory
+        stages.append(Stage("curvature", n * fb * 0.5, 2 * store_dim * 8,
+                            "factors from the store pass (a capture pass more if resumed or distributed)"))
     elif ihvp is IHVPMethod.FISHER:
         stages.append(Stage("curvature", n * store_dim**2 * 2 / 2e10, 3 * store_dim**2 * 8,
                             "the K×K Fisher, at the first query"))

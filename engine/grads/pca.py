@@ -35,7 +35,7 @@ __all__ = ["BASES_FILE", "PCA_SAMPLES", "bases_from_tensors", "bases_to_tensors"
 PCA_SAMPLES = 1024  # training points whose layer covariances give the bases
 BASES_FILE = "projection.pt"  # in the run folder, for a store with PCA bases
 DENSE_EIGH_MAX = 2048  # above this dimension (and k well below it) a randomised eigensolver
-CHUNK = 32  # samples per capture while accumulating the covariances
+CHUNK = 16  # samples per capture while accumulating the covariances (raw, unfolded captures)
 
 
 def top_eigenvectors(cov: torch.Tensor, k: int, *, seed: int = 0) -> torch.Tensor:
@@ -72,11 +72,10 @@ def pca_bases(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tenso
     s_sum: dict[str, torch.Tensor] = {}
     for start in range(0, len(x), CHUNK):
         caps = capture(model, loss_fn, x[start : start + CHUNK], y[start : start + CHUNK], selection=selection)
-        for name, lc in caps.kron.items():
-            a = lc.a.to(torch.float64)  # (b, s, g, d_in [+1])
-            delta = lc.delta.to(torch.float64)  # (b, s, g, d_out)
-            a_cov = torch.einsum("bsgi,bsgj->gij", a, a)  # (g, d_in [+1], d_in [+1])
-            s_cov = torch.einsum("bsgi,bsgj->gij", delta, delta)  # (g, d_out, d_out)
+        for name, lc in caps.kron.items():  # products in the model's dtype, sums in float64
+            a, delta = lc.a, lc.delta  # (b, s, g, d_in [+1]), (b, s, g, d_out)
+            a_cov = torch.einsum("bsgi,bsgj->gij", a, a).double()  # (g, d_in [+1], d_in [+1])
+            s_cov = torch.einsum("bsgi,bsgj->gij", delta, delta).double()  # (g, d_out, d_out)
             a_sum[name] = a_sum[name] + a_cov if name in a_sum else a_cov
             s_sum[name] = s_sum[name] + s_cov if name in s_sum else s_cov
     out = {}
