@@ -307,7 +307,8 @@ def _build_into(folder: Path, config: BuildConfig, *, requested: str, progress: 
                        params=config.params, x=calibration[0], y=calibration[1])
     if config.kronecker_basis == "pca":
         kronecker_bases(folder, space, torch.from_numpy(np.array(x_all[:PCA_SAMPLES])),
-                        torch.from_numpy(np.array(y_all[:PCA_SAMPLES])), comm=comm, threads=config.train.threads)
+                        torch.from_numpy(np.array(y_all[:PCA_SAMPLES])), comm=comm, threads=config.train.threads,
+                        progress=progress)
     store_dtype = _store_dtype(config, dtype)
     extra = {"data_fingerprint": data_fp, "model_fingerprint": model_fp, "projection": space.describe()}
     gather = write_store(folder, space, x, y, mine=mine, n=n, store_dtype=store_dtype, chunk=config.chunk_size,

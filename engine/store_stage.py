@@ -187,7 +187,7 @@ def user_grad_norm(obj_all: Objective, theta_all: torch.Tensor, gather: PassGath
 
 
 def kronecker_bases(folder: Path, space: GradientSpace, x: torch.Tensor, y: torch.Tensor, *,
-                    comm: Comm, threads: int) -> None:
+                    comm: Comm, threads: int, progress: bool) -> None:
     """Give ``space``'s Kronecker projector the data-aware (pca) bases of
     :mod:`engine.grads.pca` from x, y (the first PCA_SAMPLES training points, the same on every
     rank): read from ``folder``'s bases file when an interrupted build saved them, else computed
@@ -199,8 +199,10 @@ def kronecker_bases(folder: Path, space: GradientSpace, x: torch.Tensor, y: torc
         kron.set_bases(bases_from_tensors(load_tensors(path)))
         return
     obj = space.objective
-    with space.hooks(), intra_op_threads(threads):
-        bases = pca_bases(obj.model, obj.loss_fn, x.to(obj.device, obj.dtype), y.to(obj.device), projector=kron)
+    with space.hooks(), intra_op_threads(threads), tqdm(
+            total=len(x), desc="kronecker bases (pca)", unit="img", disable=not progress, file=sys.stderr) as bar:
+        bases = pca_bases(obj.model, obj.loss_fn, x.to(obj.device, obj.dtype), y.to(obj.device), projector=kron,
+                          progress=bar.update)
     bases = {name: (comm.broadcast(p_out.contiguous()), comm.broadcast(p_in.contiguous()))
              for name, (p_out, p_in) in bases.items()}
     kron.set_bases(bases)

@@ -20,7 +20,7 @@ project test points into the same space.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -63,10 +63,12 @@ def top_eigenvectors(cov: torch.Tensor, k: int, *, seed: int = 0) -> torch.Tenso
 
 
 def pca_bases(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor, *,
-              projector: KroneckerProjector) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+              projector: KroneckerProjector, progress: Callable[[int], None] | None = None
+              ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per Kronecker layer of ``projector`` (its split fixes k_out, k_in): (P_out (g·d_out, k_out),
     P_in (g·(d_in [+1]), k_in)), the top eigenvectors of each group's ``S = Σ δ δᵀ`` and
-    ``A = Σ a aᵀ`` over every position of x (n, ...), y (n,) (raw captures, the model in eval mode)."""
+    ``A = Σ a aᵀ`` over every position of x (n, ...), y (n,) (raw captures, the model in eval mode);
+    ``progress(samples)`` after each chunk."""
     selection = projector.selection
     a_sum: dict[str, torch.Tensor] = {}
     s_sum: dict[str, torch.Tensor] = {}
@@ -78,6 +80,8 @@ def pca_bases(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tenso
             s_cov = torch.einsum("bsgi,bsgj->gij", delta, delta).double()  # (g, d_out, d_out)
             a_sum[name] = a_sum[name] + a_cov if name in a_sum else a_cov
             s_sum[name] = s_sum[name] + s_cov if name in s_sum else s_cov
+        if progress is not None:
+            progress(min(CHUNK, len(x) - start))
     out = {}
     for index, layer in enumerate(selection.kronecker):
         if layer.name not in a_sum:
