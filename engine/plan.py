@@ -207,7 +207,7 @@ def plan_build(config: BuildConfig, objective: Objective, x: torch.Tensor, y: to
     store_bytes = n * store_dim * store_item
     if kron and config.kronecker_basis == "pca":  # one raw capture pass over the first PCA_SAMPLES
         stages.append(Stage("kronecker bases", min(n, PCA_SAMPLES) * fb * 3, 3 * p * itemsize,
-                            f"layer covariances of {min(n, PCA_SAMPLES):,} points and their eigenvectors"))
+                            f"layer covariances of up to {min(n, PCA_SAMPLES):,} points and their eigenvectors"))
     stages.append(Stage("gradients", grad_s, grad_peak + store_bytes, note))
     if ihvp is IHVPMethod.EXACT:
         curv_s = 0.0 if linear else p * n * fb * 2 / 32

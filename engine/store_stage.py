@@ -27,7 +27,7 @@ from .errors import ModelError
 from .grads.capture import Captures
 from .grads.layers import Selection, select_modules
 from .grads.layerwise import layerwise_grads
-from .grads.pca import BASES_FILE, bases_from_tensors, bases_to_tensors, pca_bases
+from .grads.pca import BASES_FILE, SAMPLES_KEY, bases_from_tensors, bases_to_tensors, pca_bases
 from .grads.space import GradientSpace
 from .ihvp.ekfac import CovarianceAccumulator
 from .models.objective import Objective
@@ -196,16 +196,22 @@ def kronecker_bases(folder: Path, space: GradientSpace, x: torch.Tensor, y: torc
     assert kron is not None
     path = folder / BASES_FILE
     if path.is_file():
-        kron.set_bases(bases_from_tensors(load_tensors(path)))
+        saved = load_tensors(path)
+        kron.set_bases(bases_from_tensors(saved))
+        kron.basis_samples = int(saved[SAMPLES_KEY]) if SAMPLES_KEY in saved else None
         return
     obj = space.objective
     with space.hooks(), intra_op_threads(threads), tqdm(
             total=len(x), desc="kronecker bases (pca)", unit="img", disable=not progress, file=sys.stderr) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
         bases = pca_bases(obj.model, obj.loss_fn, x.to(obj.device, obj.dtype), y.to(obj.device), projector=kron,
-                          progress=bar.update)
+                          progress=progress)
     bases = {name: (comm.broadcast(p_out.contiguous()), comm.broadcast(p_in.contiguous()))
              for name, (p_out, p_in) in bases.items()}
     kron.set_bases(bases)
     if comm.is_root:
-        save_tensors(path, bases_to_tensors(bases))
+        save_tensors(path, bases_to_tensors(bases, samples=kron.basis_samples))
     comm.barrier()

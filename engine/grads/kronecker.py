@@ -130,6 +130,7 @@ class KroneckerProjector:
         self._convs: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._exact: torch.Tensor | None = None
         self.basis = "random"
+        self.basis_samples: int | None = None  # training points behind pca bases, when known
         if bases is not None:
             self.set_bases(bases)
 
@@ -233,7 +234,8 @@ class KroneckerProjector:
                            "params": self.p_exact, "whole": self.exact_whole})
         return {"projection": "kronecker", "requested_k": self.requested_k, "k": self.k,
                 "seed": self.seed, "rule": SPLIT_RULE if self.weights is None else WEIGHTED_RULE,
-                "weights": self.weights, "blocks": blocks, "basis": self.basis}
+                "weights": self.weights, "blocks": blocks, "basis": self.basis,
+                **({"basis_samples": self.basis_samples} if self.basis_samples else {})}
 
     # ---------------------------------------------------------------- the matrices
     def factors(self, name: str) -> tuple[int, int]:

@@ -103,3 +103,23 @@ def test_a_pca_run_reopens_with_its_saved_bases(tmp_path: Path) -> None:
 def test_pca_basis_needs_a_kronecker_projection(tmp_path: Path) -> None:
     with pytest.raises(InfluenceError, match="--kronecker-basis pca needs"):
         engine.build("digits", "cnn", tmp_path / "x", kronecker_basis="pca", project=40, **DIGITS, **F64)
+
+
+def test_the_sample_budget_bounds_the_covariance_pass() -> None:
+    """A budget of one sample's products keeps the minimum number of samples; a large one all."""
+    from engine.grads import pca
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(300, 6, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 5, (300,), generator=gen)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5)).double().eval()
+    proj = KroneckerProjector(select_modules(model, None), 15, seed=0, dtype=torch.float64)
+    seen: list[tuple[int, int]] = []
+    loss = make_loss("mlp", svm_temperature=1.0)
+    few = pca_bases(model, loss, x, y, projector=proj, budget=1.0, progress=lambda d, t: seen.append((d, t)))
+    assert proj.basis_samples == pca.PCA_MIN_SAMPLES and seen[-1] == (pca.PCA_MIN_SAMPLES, pca.PCA_MIN_SAMPLES)
+    ref = pca_bases(model, loss, x[: pca.PCA_MIN_SAMPLES], y[: pca.PCA_MIN_SAMPLES], projector=proj)
+    for name in ref:
+        torch.testing.assert_close(few[name][1], ref[name][1])
+    pca_bases(model, loss, x, y, projector=proj)
+    assert proj.basis_samples == 300
