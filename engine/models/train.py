@@ -221,7 +221,8 @@ def stopping_rule(config: TrainConfig, n: int) -> str:
     polish = ("no polish" if config.polish_s <= 0 or config.lbfgs_steps <= 0 else
               f"then full-batch L-BFGS until {config.lbfgs_steps} iterations, its tolerance, "
               f"{config.polish_s:g} s or max({config.polish_share:g}× the epochs' time, "
-              f"{POLISH_FLOOR_S:g} s)")
+              f"{POLISH_FLOOR_S:g} s), skipped when one epoch (about one full-batch evaluation) "
+              f"takes longer than that")
     return (f"{epochs} epochs of {config.optimizer} (min({config.epochs}, ⌈{config.max_samples:,} "
             f"samples / {n:,}⌉); batch {config.batch_size}, {schedule}), {polish}")
 
@@ -285,7 +286,9 @@ def train_network(objective: Objective, x: torch.Tensor, y: torch.Tensor, *, wei
     annealed to 0 by a cosine, so θ̂ settles rather than ending on a full-size step), then a
     full-batch L-BFGS polish that stops at the first of ``lbfgs_steps`` iterations, its
     tolerance, ``polish_s`` seconds, or ``polish_share`` × the epochs' wall time but at least
-    POLISH_FLOOR_S seconds (so the polish never dominates a long training). All of it runs with
+    POLISH_FLOOR_S seconds (so the polish never dominates a long training); skipped when one epoch
+    takes longer than that budget (a full-batch evaluation costs about an epoch, so not even one
+    would fit: on 60,000 Fashion-MNIST images each took minutes). All of it runs with
     at most ``config.threads`` intra-op threads (:mod:`~engine.models.threads`). The epochs train the module's own parameters (plain
     PyTorch speed); a module with BatchNorm trains in train mode and is left in eval mode.
     Deterministic for a seed and thread count when ``polish_s`` is 0.
@@ -304,7 +307,11 @@ def train_network(objective: Objective, x: torch.Tensor, y: torch.Tensor, *, wei
         theta = objective.flat_params()
         evals = 0
         budget = min(config.polish_s, max(config.polish_share * epochs_s, POLISH_FLOOR_S))
-        if config.polish_s > 0 and config.lbfgs_steps > 0 and budget > 0:
+        # one full-batch evaluation costs about an epoch: when that alone exceeds the budget
+        # (60,000 images), the polish could not keep to it, and is skipped
+        one_pass_s = epochs_s / max(epochs, 1)
+        skipped = one_pass_s > budget
+        if config.polish_s > 0 and config.lbfgs_steps > 0 and budget > 0 and not skipped:
             theta, evals = lbfgs(objective, theta, x, y, weight_decay=weight_decay,
                                  steps=config.lbfgs_steps, budget_s=budget, progress=polish_bar,
                                  chunk=FULL_BATCH_CHUNK)
@@ -312,6 +319,7 @@ def train_network(objective: Objective, x: torch.Tensor, y: torch.Tensor, *, wei
                                             chunk=FULL_BATCH_CHUNK)
     return TrainResult(theta, float(g.norm()), value,
                        {"epochs": epochs, "lbfgs_evals": evals, "optimizer": config.optimizer,
+                        "polish_skipped": bool(skipped and config.polish_s > 0 and config.lbfgs_steps > 0),
                         "threads": threads, "epochs_s": round(epochs_s, 3),
                         "epochs_cpu_s": round(epochs_cpu_s, 3),
                         "epoch_losses": [round(v, 6) for v in losses]})

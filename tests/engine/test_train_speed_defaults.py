@@ -144,3 +144,22 @@ def test_batchnorm_modules_train_in_train_mode_and_end_in_eval_mode() -> None:
     train_network(obj, x, y, weight_decay=LAM, seed=0, config=TrainConfig(epochs=2, polish_s=0))
     assert not model.training
     assert not torch.equal(model[1].running_mean, torch.zeros(8))  # batch statistics were learnt
+
+
+def test_the_polish_is_skipped_when_one_evaluation_would_exceed_its_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A budget smaller than one epoch's time cannot hold a full-batch evaluation: no L-BFGS
+    evaluation runs, the result says so, and θ̂ is the epochs' θ."""
+    from engine.models import train as train_mod
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 5, generator=gen)
+    y = torch.randint(0, 3, (200,), generator=gen)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    obj = Objective(model, cross_entropy, device=torch.device("cpu"), dtype=torch.float32)
+    monkeypatch.setattr(train_mod, "POLISH_FLOOR_S", 0.0)
+    config = TrainConfig(epochs=3, polish_s=1e-9, polish_share=1e-9, lbfgs_steps=50)
+    res = train_mod.train_network(obj, x, y, weight_decay=1e-2, config=config, seed=0)
+    assert res.iterations["polish_skipped"] is True and res.iterations["lbfgs_evals"] == 0
+    config = TrainConfig(epochs=3, polish_s=30.0, polish_share=1.0, lbfgs_steps=5)
+    res = train_mod.train_network(obj, x, y, weight_decay=1e-2, config=config, seed=0)
+    assert res.iterations["polish_skipped"] is False and res.iterations["lbfgs_evals"] > 0
