@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["auto_threads", "intra_op_threads"]
+__all__ = ["auto_threads", "flushing_denormals", "intra_op_threads"]
 
 
 def auto_threads() -> int:
@@ -26,16 +26,34 @@ def auto_threads() -> int:
     return max(1, (os.cpu_count() or 1) // 2)
 
 
+def flushing_denormals() -> bool:
+    """Whether this thread's CPU flushes denormal floats to zero now."""
+    return bool(torch.tensor(1e-39, dtype=torch.float32).item() == 0.0)
+
+
 @contextlib.contextmanager
 def intra_op_threads(n: int) -> Iterator[int]:
     """Run the block with at most ``n`` PyTorch intra-op threads (0: :func:`auto_threads`),
-    never more than are set now; yields the count in use and restores the previous one."""
+    never more than are set now, and with denormal floats flushed to zero; yields the count in
+    use and restores the previous count and denormal mode.
+
+    Denormals (|x| < 1.2e-38 in float32) take the CPU's slow path: as a network fits its
+    training set, the output gradients of confidently fitted points shrink into that range and
+    the backward pass slows with them (a ResNet's epochs on 5,000 Fashion-MNIST images went from
+    14 s to 116 s; a synthetic backward with such gradients 1.6× slower). Flushing them changes
+    values below 1.2e-38 only. The mode is per thread (the calling one; with one intra-op thread,
+    the default on 2 cores, that is every one)."""
     before = torch.get_num_threads()
     use = max(1, min(n if n > 0 else auto_threads(), before))
+    flushing = flushing_denormals()
     if use != before:
         torch.set_num_threads(use)
+    if not flushing:
+        torch.set_flush_denormal(True)
     try:
         yield use
     finally:
         if use != before:
             torch.set_num_threads(before)
+        if not flushing:
+            torch.set_flush_denormal(False)

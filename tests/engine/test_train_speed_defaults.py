@@ -163,3 +163,15 @@ def test_the_polish_is_skipped_when_one_evaluation_would_exceed_its_budget(monke
     config = TrainConfig(epochs=3, polish_s=30.0, polish_share=1.0, lbfgs_steps=5)
     res = train_mod.train_network(obj, x, y, weight_decay=1e-2, config=config, seed=0)
     assert res.iterations["polish_skipped"] is False and res.iterations["lbfgs_evals"] > 0
+
+
+def test_denormals_are_flushed_inside_the_compute_context_and_restored_after() -> None:
+    from engine.models.threads import flushing_denormals
+
+    torch.set_flush_denormal(False)
+    assert not flushing_denormals()  # 1e-39 is representable (denormal) in float32
+    with intra_op_threads(1):
+        assert flushing_denormals()
+        tiny = torch.full((4,), 1e-30, dtype=torch.float32) * 1e-10  # (4,) would be 1e-40
+        assert bool((tiny == 0).all())
+    assert not flushing_denormals()
