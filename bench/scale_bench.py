@@ -4,7 +4,7 @@ Two cases, each built by :func:`engine.build` in its own subprocess (so its peak
 right after the build, is the build's own):
 
 - ``resnet``: ``--model bench.scale_models:resnet18 --weights W --projection kronecker --project K
-  --ihvp fisher --store-dtype float16`` (11.2M parameters, BatchNorm in eval mode). The store
+  --ihvp fisher --store-dtype float16 [--kronecker-basis pca]`` (11.2M parameters, BatchNorm in eval mode). The store
   stage's rate is n / ``gradients_s`` of run.json; right after, the same process times a plain
   forward + backward (mean loss, parameter gradients, eval mode) of the same model at the
   Kronecker path's batch (256), and — interleaved batch by batch, robust to a shared machine —
@@ -149,7 +149,7 @@ def worker(case: str, args: argparse.Namespace) -> dict[str, Any]:
     if case == "resnet":
         model_spec = "bench.scale_models:resnet18"
         options = {"weights": str(tmp / "resnet18.pt"), "projection": "kronecker", "project": args.k,
-                   "ihvp": "fisher", "store_dtype": "float16"}
+                   "ihvp": "fisher", "store_dtype": "float16", "kronecker_basis": args.kronecker_basis}
         batch = KRONECKER_BATCH
     else:
         model_spec, options = "cnn", {}
@@ -279,6 +279,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4096, help="resnet store dimension K (4096)")
     ap.add_argument("--batches", type=int, default=3, help="timed plain/store batch pairs (3)")
     ap.add_argument("--cases", default=",".join(CASES), help="comma-separated: resnet, cnn")
+    ap.add_argument("--kronecker-basis", default="random", help="the resnet's Kronecker bases: random or pca")
     ap.add_argument("--progress", action="store_true", help="the build's plan and progress bars")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "scale_bench.json"))
     ap.add_argument("--query-timeout", type=float, default=300,
@@ -309,7 +310,8 @@ def main() -> None:
         for case in cases:
             print(f"{case}: building ({args.n} images, load {loadavg()})", file=sys.stderr)
             res = _child(["--worker", case, "--k", str(args.k), "--batches", str(args.batches),
-                          "--memory-gb", str(args.memory_gb)] + (["--progress"] if args.progress else []),
+                          "--memory-gb", str(args.memory_gb), "--kronecker-basis", args.kronecker_basis]
+                         + (["--progress"] if args.progress else []),
                          tmp=tmp, timeout=None)
             res.setdefault("case", case)
             if "error" not in res:
@@ -321,7 +323,7 @@ def main() -> None:
     print(text)
     for line in checks(results, full=full):
         print(line)
-    out = {"settings": {"n": args.n, "n_test": n_test, "k": args.k,
+    out = {"settings": {"n": args.n, "n_test": n_test, "k": args.k, "kronecker_basis": args.kronecker_basis,
                         "batches": args.batches, "cpus": os.cpu_count()},
            "targets": TARGETS, "results": results, "table": text}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
