@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from .config import AUTO_IHVP, BuildConfig, IHVPMethod, TrainConfig
+from .config import AUTO_IHVP, NETWORK_WEIGHT_DECAY, WEIGHT_DECAY, BuildConfig, IHVPMethod, TrainConfig
 
 __all__ = ["STORE_DTYPE_CHOICES", "add_build_options", "build_kwargs", "config_default"]
 
@@ -33,8 +33,9 @@ def add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="logreg, svm, mlp, cnn, resnet, a TorchScript file, or package.module:factory")
     p.add_argument("--out", required=True, type=Path, help="run folder to create")
-    p.add_argument("--weight-decay", type=float, default=d("weight_decay"),
-                   help=f"λ of the objective ({d('weight_decay')})")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help=f"λ of the objective ({WEIGHT_DECAY:g} for logreg, svm and user models, "
+                        f"{NETWORK_WEIGHT_DECAY:g} for mlp, cnn and resnet)")
     p.add_argument("--damping", type=float, default=d("damping"), help=f"δ added to the Hessian ({d('damping')})")
     p.add_argument("--ihvp", choices=[AUTO_IHVP, *(m.value for m in IHVPMethod)], default=AUTO_IHVP,
                    help="the run's IHVP method (auto: exact for small models, fisher for projected "

@@ -175,3 +175,23 @@ def test_denormals_are_flushed_inside_the_compute_context_and_restored_after() -
         tiny = torch.full((4,), 1e-30, dtype=torch.float32) * 1e-10  # (4,) would be 1e-40
         assert bool((tiny == 0).all())
     assert not flushing_denormals()
+
+
+def test_weight_decay_defaults_by_model_kind_and_an_explicit_value_wins() -> None:
+    from engine.config import NETWORK_WEIGHT_DECAY, WEIGHT_DECAY, BuildConfig
+    from engine.options import add_build_options, build_kwargs
+
+    for model in ("mlp", "cnn", "resnet"):
+        assert BuildConfig(data="digits", model=model).weight_decay == NETWORK_WEIGHT_DECAY == 5e-4
+    for model in ("logreg", "svm", "pkg.mod:factory", "model.ts"):
+        assert BuildConfig(data="digits", model=model).weight_decay == WEIGHT_DECAY == 1e-2
+    assert BuildConfig(data="digits", model="cnn", weight_decay=0.03).weight_decay == 0.03
+    again = BuildConfig.from_dict(BuildConfig(data="digits", model="cnn").to_dict())
+    assert again.weight_decay == 5e-4  # recorded resolved, read back as recorded
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    add_build_options(ap)
+    args = ap.parse_args(["--data", "digits", "--model", "cnn", "--out", "x"])
+    assert BuildConfig(data="digits", model="cnn", **{k: v for k, v in build_kwargs(args).items()
+                                                     if k == "weight_decay"}).weight_decay == 5e-4
