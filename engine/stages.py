@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from .config import BuildConfig, ModelKind
 from .data import Dataset
-from .grads.capture import Captures, capture
+from .grads.capture import capture
 from .grads.layers import Selection, select_modules
 from .grads.space import GradientSpace
 from .ihvp.ekfac import (
@@ -21,10 +21,10 @@ from .ihvp.ekfac import (
     CovarianceAccumulator,
     DiagonalAccumulator,
     LayerBlock,
+    capture_batches,
     fit_ekfac,
     layer_layout,
     rest_index,
-    split_groups,
     unprojected_layout,
 )
 from .ihvp.ekfac import (
@@ -42,7 +42,7 @@ from .models.train import (
     train_network,
 )
 
-__all__ = ["EKFAC_CHUNK", "RowSource", "accuracy", "capture_batches", "ekfac_factors", "ekfac_layout", "row_runs",
+__all__ = ["EKFAC_CHUNK", "RowSource", "accuracy", "ekfac_factors", "ekfac_layout", "row_runs",
            "train_theta"]
 
 EKFAC_CHUNK = 128  # training points per capture pass of the EK-FAC fit
@@ -132,16 +132,6 @@ def ekfac_layout(space: GradientSpace) -> tuple[Selection, tuple[LayerBlock, ...
         return selection, layer_layout([(layer.name, *kron.factors(layer.name))
                                         for layer in selection.kronecker])
     return selection, unprojected_layout(selection.kronecker)
-
-
-def capture_batches(caps: Captures) -> Iterator[Batch]:
-    """A chunk's captures as EK-FAC batches: projected (ã, δ̃) per layer as they are, raw (a, δ)
-    one batch per group block."""
-    for name, lc in caps.kron.items():
-        if caps.projected:
-            yield name, lc.a, lc.delta
-        else:
-            yield from split_groups(name, lc.a, lc.delta)
 
 
 def ekfac_factors(space: GradientSpace, x: torch.Tensor, y: torch.Tensor, store: RowSource, *,

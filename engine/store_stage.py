@@ -29,11 +29,11 @@ from .grads.layers import Selection, select_modules
 from .grads.layerwise import layerwise_grads
 from .grads.pca import BASES_FILE, SAMPLES_KEY, bases_from_tensors, bases_to_tensors, pca_bases
 from .grads.space import GradientSpace
-from .ihvp.ekfac import CovarianceAccumulator
+from .ihvp.ekfac import CovarianceAccumulator, capture_batches
 from .models.objective import Objective
 from .models.threads import intra_op_threads
 from .models.train import objective_value_and_grad
-from .stages import capture_batches, ekfac_layout, row_runs
+from .stages import ekfac_layout, row_runs
 from .store.files import load_tensors, save_tensors
 from .store.gradients import GRADS_FILE, MANIFEST_FILE, TORCH_DTYPES, StoreWriter, as_torch, open_store
 from .store.resident import ResidentStore

@@ -26,8 +26,9 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from ..ihvp.ekfac import CovarianceAccumulator, capture_batches, group_name, unprojected_layout
 from ..models.losses import LossFn
-from .capture import capture
+from .capture import capture, model_dtype
 from .kronecker import KroneckerProjector
 
 __all__ = ["BASES_FILE", "PCA_SAMPLES", "bases_from_tensors", "bases_to_tensors", "pca_bases", "top_eigenvectors"]
@@ -78,21 +79,16 @@ def pca_bases(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tenso
     about 128 for an 11M-parameter ResNet-18 on 32×32 images (5.4 G a sample).
     ``progress(done, total)`` after each chunk. The number used is ``projector.basis_samples``."""
     selection = projector.selection
-    a_sum: dict[str, torch.Tensor] = {}
-    s_sum: dict[str, torch.Tensor] = {}
+    cov = CovarianceAccumulator(unprojected_layout(selection.kronecker), dtype=model_dtype(model))
     total = len(x)
     for start in range(0, len(x), CHUNK):
         if start >= total:
             break
         caps = capture(model, loss_fn, x[start : start + CHUNK], y[start : start + CHUNK], selection=selection)
         per_sample = 0
-        for name, lc in caps.kron.items():  # products in the model's dtype, sums in float64
-            a, delta = lc.a, lc.delta  # (b, s, g, d_in [+1]), (b, s, g, d_out)
-            a_cov = torch.einsum("bsgi,bsgj->gij", a, a).double()  # (g, d_in [+1], d_in [+1])
-            s_cov = torch.einsum("bsgi,bsgj->gij", delta, delta).double()  # (g, d_out, d_out)
-            a_sum[name] = a_sum[name] + a_cov if name in a_sum else a_cov
-            s_sum[name] = s_sum[name] + s_cov if name in s_sum else s_cov
-            per_sample += a.shape[1] * a.shape[2] * (a.shape[3] ** 2 + delta.shape[3] ** 2)
+        for name, a, delta in capture_batches(caps):  # products in the model's dtype, sums in float64
+            cov.update(name, a, delta)
+            per_sample += a.shape[1] * (a.shape[-1] ** 2 + delta.shape[-1] ** 2)
         if start == 0:  # the first chunk's shapes give a sample's cost, and so the sample count
             total = min(len(x), max(PCA_MIN_SAMPLES, int(budget // max(per_sample, 1))))
         if progress is not None:
@@ -100,12 +96,11 @@ def pca_bases(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tenso
     projector.basis_samples = min(total, len(x))
     out = {}
     for index, layer in enumerate(selection.kronecker):
-        if layer.name not in a_sum:
-            raise ModelError(f"tracked module {layer.name!r} was not called by the model's forward")
         k_out, k_in = projector.factors(layer.name)
         seed = projector.seed * 1_000_003 + 3 * index
-        p_out = torch.cat([top_eigenvectors(s, k_out, seed=seed) for s in s_sum[layer.name]])  # (g·d_out, k_out)
-        p_in = torch.cat([top_eigenvectors(a, k_in, seed=seed + 1) for a in a_sum[layer.name]])
+        groups = [cov.covariances(group_name(layer.name, j, layer.groups)) for j in range(layer.groups)]
+        p_out = torch.cat([top_eigenvectors(s, k_out, seed=seed) for _, s in groups])  # (g·d_out, k_out)
+        p_in = torch.cat([top_eigenvectors(a, k_in, seed=seed + 1) for a, _ in groups])  # (g·(d_in [+1]), k_in)
         out[layer.name] = (p_out, p_in)
     return out
 

@@ -29,7 +29,7 @@ product rounds in float32, the running sums stay float64). The solver lives in
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,6 +111,16 @@ def split_groups(name: str, a: torch.Tensor, delta: torch.Tensor) -> list[Batch]
         return [(name, a, delta)]
     g = a.shape[2]
     return [(group_name(name, j, g), a[:, :, j], delta[:, :, j]) for j in range(g)]
+
+
+def capture_batches(caps: Any) -> Iterator[Batch]:
+    """A chunk's layer captures (:class:`engine.grads.capture.Captures`) as EK-FAC batches:
+    projected (ã, δ̃) per layer as they are, raw (a, δ) one batch per group block."""
+    for name, lc in caps.kron.items():
+        if caps.projected:
+            yield name, lc.a, lc.delta
+        else:
+            yield from split_groups(name, lc.a, lc.delta)
 
 
 def rest_index(layout: Sequence[LayerBlock], dim: int) -> torch.Tensor:
