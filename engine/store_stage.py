@@ -165,11 +165,11 @@ def write_store(folder: Path, space: GradientSpace, x: torch.Tensor, y: torch.Te
             else:
                 space.rows(x[local], y[local], chunk=chunk, sink=sink, progress=bar.update,
                            on_captures=hook)
-    comm.barrier()  # every rank's rows are in
+    if not comm.is_root:
+        writer.close()  # flags this rank's rows done (synced) before rank 0 counts them
+    comm.barrier()  # every rank's rows are in, and flagged
     if comm.is_root:
         writer.finish(extra)
-    else:
-        writer.close()
     return gather
 
 

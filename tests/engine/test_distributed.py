@@ -9,6 +9,8 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ import engine
 from engine.distributed import LocalComm, reduced_hvp, shard_rows
 from engine.query.topk import RunningTopK, merge_topk, naive_topk
 from engine.store.gradients import GRADS_FILE, as_torch
+from engine.store_stage import write_store
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -101,3 +104,57 @@ def test_merged_shard_topk_equals_the_unsharded_topk(largest: bool) -> None:
     ref_v, ref_i = naive_topk(scores, k, largest=largest)
     assert torch.equal(ids, ref_i)
     assert torch.equal(values, ref_v)
+
+
+class _ThreadComm(LocalComm):
+    """Rank ``rank`` of ``world`` threads in this process; a rank other than 0 is slow to leave
+    each barrier, so rank 0 runs ahead of it the way a loaded machine lets it."""
+
+    def __init__(self, rank: int, world: int, barrier: threading.Barrier) -> None:
+        self.rank, self.world, self._barrier = rank, world, barrier
+
+    def barrier(self) -> None:
+        self._barrier.wait(timeout=30)
+        if self.rank:
+            time.sleep(0.3)
+
+
+class _RowSpace:
+    """The part of a GradientSpace the store pass uses: row i is (i, i, i) from x = arange."""
+
+    dim = 3
+    objective = None
+
+    def rows(self, x: torch.Tensor, y: torch.Tensor, *, chunk: int, sink, progress, on_captures) -> None:
+        for start in range(0, len(x), chunk):
+            block = x[start : start + chunk, None].expand(-1, self.dim).double()
+            sink(slice(start, start + len(block)), block)
+            progress(len(block))
+
+
+def test_rank_zero_finishes_the_store_only_after_every_rank_flagged_its_rows(tmp_path: Path) -> None:
+    # rank 1 used to flag its rows done only after the last barrier: rank 0, counting them
+    # straight after it, found them missing ("gradient store incomplete") whenever it ran ahead
+    n, world = 40, 2
+    x, y = torch.arange(n, dtype=torch.float64), torch.zeros(n, dtype=torch.long)
+    barrier, errors = threading.Barrier(world), []
+
+    def rank(r: int) -> None:
+        mine = shard_rows(n, r, world)
+        try:
+            write_store(tmp_path, _RowSpace(), x[mine], y[mine], mine=mine, n=n, store_dtype="float32",
+                        chunk=7, threads=1, comm=_ThreadComm(r, world, barrier), progress=False,
+                        extra={}, covariances=False, row_sum=False, resident=False)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    rows = np.load(tmp_path / GRADS_FILE)
+    np.testing.assert_array_equal(rows, np.repeat(np.arange(n, dtype=np.float32)[:, None], 3, axis=1))
+    assert (tmp_path / "manifest.json").is_file()
