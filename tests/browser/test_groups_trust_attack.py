@@ -207,3 +207,20 @@ def test_attack_cancel_button_stops_the_attack(tab: Tab) -> None:
     finally:
         page.request.delete(tab.base + job["url"])
     tab.assert_clean()
+
+
+def test_group_check_box_says_when_its_job_is_gone(tab: Tab) -> None:
+    # a page left open across a server restart: the job it follows is forgotten (404), and the
+    # box says so instead of polling for ever (static/group_check.js on static/lib/jobs.js)
+    page = tab.page
+    tab.expected_status["/api/v1/jobs/gone"] = 404
+    tab.goto("/groups")
+    page.evaluate("""() => { const p = document.createElement('p'); p.id = 'check-job';
+        p.dataset.jobId = 'gone'; p.innerHTML = 'Retraining: <span data-job-state>queued</span>';
+        document.querySelector('main').append(p); }""")
+    page.add_script_tag(url="/static/group_check.js")
+    page.wait_for_function("() => document.getElementById('check-job').classList.contains('error')")
+    said = page.locator("#check-job [data-job-state]").inner_text()
+    assert said.startswith("no longer followed (") and "reload to look again" in said, said
+    assert "gone" in said or "not found" in said.lower(), said
+    tab.assert_clean()
