@@ -56,7 +56,7 @@ from .stages import accuracy, ekfac_factors, train_theta
 from .store.files import load_json, load_tensors, save_json, save_tensors
 from .store.gradients import DONE_FILE, MANIFEST_FILE
 from .store.resident import ResidentStore
-from .store_stage import MappedRows, kronecker_bases, user_grad_norm, write_store
+from .store_stage import MappedRows, ShardRows, kronecker_bases, user_grad_norm, write_store
 
 __all__ = ["ENGINE_VERSION", "STATE_FILE", "build", "partial_folder"]
 
@@ -210,6 +210,12 @@ def _build_members(tmp: Path, config: BuildConfig, *, requested: str, progress: 
     return out
 
 
+def _every_rank(flag: bool, comm: Comm) -> bool:
+    """True on every rank when ``flag`` is true on every rank."""
+    total = comm.all_reduce_sum(torch.tensor([float(flag)], dtype=torch.float64))
+    return int(total.item()) == comm.world
+
+
 def _store_dtype(config: BuildConfig, dtype: torch.dtype) -> str:
     if config.store_dtype != "auto":
         return config.store_dtype
@@ -351,15 +357,23 @@ def _build_into(folder: Path, config: BuildConfig, *, requested: str, progress: 
             hvp = reduced_hvp(full_hvp(obj, theta, x, y, shift=0.0), weight=weight, shift=shift, comm=comm)
             curvature["lissa_scale"] = lissa_scale(hvp, n_params=obj.n_params, config=config,
                                                    dtype=dtype, device=dev)
-        elif config.ihvp is IHVPMethod.EKFAC and comm.is_root:  # factors from all the data, on rank 0
-            rows = resident or MappedRows(folder, expect={"data_fingerprint": data_fp,
-                                                          "model_fingerprint": model_fp},
-                                          compute_dtype=dtype, device=dev)
-            x_full = torch.from_numpy(np.array(x_all)).to(dev, dtype)
-            save_tensors(folder / CURVATURE_FILE, ekfac_factors(
-                space, x_full, torch.from_numpy(np.array(y_all)), rows, progress=progress,
-                covariances=None if gather is None else gather.covariances,
-                captured=None if gather is None else gather.captured))
+        elif config.ihvp is IHVPMethod.EKFAC:
+            expect = {"data_fingerprint": data_fp, "model_fingerprint": model_fp}
+            gathered = gather is not None and gather.covariances is not None
+            if comm.world > 1 and _every_rank(gathered, comm):
+                # each rank's covariances from its store pass and Λ from its own rows, summed
+                rows = ShardRows(MappedRows(folder, expect=expect, compute_dtype=dtype, device=dev), mine)
+                factors = ekfac_factors(space, x, y, rows, progress=progress, covariances=gather.covariances,
+                                        captured=gather.captured, comm=comm)
+                if comm.is_root:
+                    save_tensors(folder / CURVATURE_FILE, factors)
+            elif comm.is_root:  # one process, or a resumed distributed build: all the data on rank 0
+                rows = resident or MappedRows(folder, expect=expect, compute_dtype=dtype, device=dev)
+                x_full = torch.from_numpy(np.array(x_all)).to(dev, dtype)
+                save_tensors(folder / CURVATURE_FILE, ekfac_factors(
+                    space, x_full, torch.from_numpy(np.array(y_all)), rows, progress=progress,
+                    covariances=gather.covariances if gathered else None,
+                    captured=gather.captured if gathered else None))
         record("curvature", curvature, curvature_s=time.perf_counter() - t)
         logger.info("curvature (%s) in %.1f s", config.ihvp.value, time.perf_counter() - t)
     comm.barrier()

@@ -15,7 +15,9 @@ NCCL on GPUs (rank r uses ``cuda:LOCAL_RANK``), gloo on CPUs. How the work is sp
   loss and the results are summed with weights ``n_shard / n`` (``all_reduce``), then λ + δ is
   added once, so every Hessian-vector product (dense Hessian, ``PᵀHP``, the LiSSA scale) is the
   full-batch one; a dense Hessian formed per rank (the closed form of linear models) is reduced
-  the same way, as one (p, p) ``all_reduce``.
+  the same way, as one (p, p) ``all_reduce``. EK-FAC's covariances come from each rank's store
+  pass over its rows and Λ from its rows, each summed across ranks, with rank 0's eigenbases
+  (:func:`engine.ihvp.ekfac.fit_ekfac`'s ``comm``); a resumed build fits them on rank 0.
 - Rank 0 finishes the store, writes ``run.json`` last and renames the folder into place.
 
 A killed distributed build resumes like a local one (``--resume``), with any number of ranks.

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from .config import BuildConfig, ModelKind
 from .data import Dataset
+from .distributed import Comm
 from .grads.capture import capture
 from .grads.layers import Selection, select_modules
 from .grads.space import GradientSpace
@@ -137,8 +138,8 @@ def ekfac_layout(space: GradientSpace) -> tuple[Selection, tuple[LayerBlock, ...
 def ekfac_factors(space: GradientSpace, x: torch.Tensor, y: torch.Tensor, store: RowSource, *,
                   progress: bool, threads: int = 0,
                   covariances: CovarianceAccumulator | None = None,
-                  captured: Mapping[str, Sequence[tuple[torch.Tensor, torch.Tensor]]] | None = None
-                  ) -> dict[str, torch.Tensor]:
+                  captured: Mapping[str, Sequence[tuple[torch.Tensor, torch.Tensor]]] | None = None,
+                  comm: Comm | None = None) -> dict[str, torch.Tensor]:
     """EK-FAC's factors (as tensors, for ``curvature.pt``) of the tracked layers, in the store's
     space: the Kronecker-projected (ã, δ̃) of a Kronecker store, the raw (a, δ) per group of a
     full one. Store coordinates outside every layer block (exact modules' gradients) get the
@@ -148,7 +149,9 @@ def ekfac_factors(space: GradientSpace, x: torch.Tensor, y: torch.Tensor, store:
     captured 680–810 images/s, two 71–217). Λ from the store's rows (``store.rows(slice)`` in
     the compute dtype), which already hold each sample's G_i (or G̃_i), instead of a second pass
     through the model; for the layers in ``captured`` (the store pass's (a, δ) of layers with
-    few positions) from those."""
+    few positions) from those. ``comm``: x, y, ``store``, ``covariances`` and ``captured`` are
+    this rank's samples only, every sum is summed over the ranks (:func:`fit_ekfac`), and every
+    rank gets the factors of all the samples."""
     obj = space.objective
     selection, layout = ekfac_layout(space)
     dim = space.dim
@@ -159,6 +162,8 @@ def ekfac_factors(space: GradientSpace, x: torch.Tensor, y: torch.Tensor, store:
         acc = DiagonalAccumulator(rest)
         for start in range(0, n, 4096):
             acc.update(store.rows(slice(start, start + 4096)))
+        if comm is not None:
+            acc.all_reduce(comm)
         diagonal = acc.diagonal()
     x, y = x.to(obj.device, obj.dtype), y.to(obj.device)
 
@@ -184,5 +189,5 @@ def ekfac_factors(space: GradientSpace, x: torch.Tensor, y: torch.Tensor, store:
         factors = fit_ekfac(None if covariances is not None else batches, layout, dim=dim,
                             rest_diagonal=diagonal, rows=store_rows, covariances=covariances,
                             captured=captured if covariances is not None else None,
-                            dtype=obj.dtype, device=obj.device)
+                            dtype=obj.dtype, device=obj.device, comm=comm)
     return ekfac_tensors(factors)

@@ -38,7 +38,7 @@ from .store.files import load_tensors, save_tensors
 from .store.gradients import GRADS_FILE, MANIFEST_FILE, TORCH_DTYPES, StoreWriter, as_torch, open_store
 from .store.resident import ResidentStore
 
-__all__ = ["MappedRows", "PassGather", "full_selection", "kronecker_bases", "user_grad_norm", "write_store"]
+__all__ = ["MappedRows", "PassGather", "ShardRows", "full_selection", "kronecker_bases", "user_grad_norm", "write_store"]
 
 
 @dataclass
@@ -116,9 +116,10 @@ def write_store(folder: Path, space: GradientSpace, x: torch.Tensor, y: torch.Te
                 resident: bool) -> PassGather | None:
     """Rows ``mine`` of the store in ``folder`` (x, y: those rows), only those not yet written;
     rank 0 writes the manifest with ``extra`` once every rank's rows are in. Returns what the
-    pass gathered (``covariances``: EK-FAC's, ``row_sum``: Σ g_i, ``resident``: the rows in
-    memory) when this one process wrote every row of the store in this call; None otherwise
-    (the caller then makes the separate passes and reads the file)."""
+    pass gathered when this process wrote all its rows (``mine``) in this call: ``covariances``,
+    EK-FAC's over those rows, and when this one process wrote every row of the store,
+    ``row_sum`` (Σ g_i) and ``resident`` (the rows in memory); None otherwise (the caller then
+    makes the separate passes and reads the file)."""
     dim = space.dim
     if (folder / GRADS_FILE).is_file():  # renamed only once every row was in
         if comm.is_root and not (folder / MANIFEST_FILE).is_file():
@@ -130,12 +131,12 @@ def write_store(folder: Path, space: GradientSpace, x: torch.Tensor, y: torch.Te
     if writer is None:
         writer = StoreWriter(folder, n=n, dim=dim, dtype=store_dtype, create=False)
     todo = writer.missing(mine)
-    whole = comm.world == 1 and len(todo) == n
-    gather = PassGather() if whole else None
+    gather = PassGather() if len(todo) == mine.stop - mine.start else None  # every row of this rank
+    alone = comm.world == 1  # this process writes every row of the store
     obj = space.objective
-    if gather is not None and row_sum:
+    if gather is not None and row_sum and alone:
         gather.row_sum = torch.zeros(dim, dtype=torch.float64)
-    if gather is not None and resident:
+    if gather is not None and resident and alone:
         gather.resident = ResidentStore(torch.empty((n, dim), dtype=TORCH_DTYPES[store_dtype], device=obj.device),
                                         compute_dtype=obj.dtype)
     layerwise = None
@@ -171,6 +172,24 @@ def write_store(folder: Path, space: GradientSpace, x: torch.Tensor, y: torch.Te
     if comm.is_root:
         writer.finish(extra)
     return gather
+
+
+class ShardRows:
+    """Rows ``part`` of a row source (a store's :class:`MappedRows`), as its rows 0, 1, …: one
+    rank's rows of the store."""
+
+    def __init__(self, source: MappedRows, part: slice) -> None:
+        self.source, self.part = source, part
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.part.stop - self.part.start, *self.source.shape[1:])
+
+    def rows(self, index: slice) -> torch.Tensor:
+        """Rows (b, dim) of ``index`` (clipped to the shard)."""
+        start = self.part.start + (index.start or 0)
+        stop = self.part.stop if index.stop is None else min(self.part.start + index.stop, self.part.stop)
+        return self.source.rows(slice(start, stop))
 
 
 def user_grad_norm(obj_all: Objective, theta_all: torch.Tensor, gather: PassGather | None, *,

@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from ..distributed import Comm
+
 __all__ = ["CovarianceAccumulator", "DiagonalAccumulator", "EKFACFactors", "LambdaAccumulator",
            "LayerBlock", "LayerFactors", "eigenbasis", "factors_from_tensors", "factors_to_tensors",
            "fit_ekfac", "group_name", "layer_layout", "rest_index", "split_groups", "unprojected_layout"]
@@ -198,6 +200,17 @@ class CovarianceAccumulator:
         self.s_sum[name] += d2.T @ d2  # (d_out, d_out)
         self.positions[name] += a2.shape[0]
 
+    def all_reduce(self, comm: Comm) -> None:
+        """Sum every layer's sums and position counts over ``comm``'s ranks (each rank having
+        accumulated its own samples; a layer a rank never saw counts as zeros there)."""
+        for name, blk in self.blocks.items():
+            device = self.device or (self.a_sum[name].device if name in self.a_sum else torch.device("cpu"))
+            a = self.a_sum.get(name, torch.zeros(blk.d_in, blk.d_in, dtype=torch.float64, device=device))
+            s = self.s_sum.get(name, torch.zeros(blk.d_out, blk.d_out, dtype=torch.float64, device=device))
+            count = torch.tensor([float(self.positions.get(name, 0))], dtype=torch.float64)
+            self.a_sum[name], self.s_sum[name] = comm.all_reduce_sum(a), comm.all_reduce_sum(s)
+            self.positions[name] = int(comm.all_reduce_sum(count).item())
+
     def covariances(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A (d_in, d_in), S (d_out, d_out))`` of layer ``name``, float64, symmetrised."""
         if not self.positions.get(name):
@@ -280,6 +293,16 @@ class LambdaAccumulator:
             self.sums[name] += rot.square().sum(dim=0, dtype=torch.float64)  # (d_out, d_in)
         self.samples[name] += g.shape[0]
 
+    def all_reduce(self, comm: Comm) -> None:
+        """Sum every layer's Σ_i (Q_Sᵀ G_i Q_A)² and sample count over ``comm``'s ranks."""
+        for name, (q_a, q_s) in self.bases.items():
+            device = self.device or q_a.device
+            total = self.sums.get(name, torch.zeros(q_s.shape[0], q_a.shape[0], dtype=torch.float64,
+                                                    device=device))
+            count = torch.tensor([float(self.samples.get(name, 0))], dtype=torch.float64)
+            self.sums[name] = comm.all_reduce_sum(total)
+            self.samples[name] = int(comm.all_reduce_sum(count).item())
+
     def lambda_matrix(self, name: str) -> torch.Tensor:
         """Λ (d_out, d_in) of layer ``name``, float64."""
         if not self.samples.get(name):
@@ -301,6 +324,11 @@ class DiagonalAccumulator:
         self.sum += cols.to(torch.float64).square().sum(dim=0).cpu()  # (r,)
         self.samples += rows.shape[0]
 
+    def all_reduce(self, comm: Comm) -> None:
+        """Sum the squares and the row count over ``comm``'s ranks."""
+        self.sum = comm.all_reduce_sum(self.sum)
+        self.samples = int(comm.all_reduce_sum(torch.tensor([float(self.samples)], dtype=torch.float64)).item())
+
     def diagonal(self) -> torch.Tensor:
         return self.sum / max(self.samples, 1)
 
@@ -310,7 +338,8 @@ def fit_ekfac(batches: Callable[[], Iterable[Batch]] | None, layout: Sequence[La
               rows: Callable[[], Iterable[torch.Tensor]] | None = None,
               covariances: CovarianceAccumulator | None = None,
               captured: Mapping[str, Sequence[tuple[torch.Tensor, torch.Tensor]]] | None = None,
-              dtype: torch.dtype = torch.float64, device: torch.device | None = None) -> EKFACFactors:
+              dtype: torch.dtype = torch.float64, device: torch.device | None = None,
+              comm: Comm | None = None) -> EKFACFactors:
     """EK-FAC factors: covariances and their eigenbases from one pass over ``batches()`` (an
     iterable of ``(layer name, a (b, s, d_in), δ (b, s, d_out))``), or from ``covariances``
     already accumulated over every sample (e.g. while the store was written), then Λ. Λ comes from
@@ -323,7 +352,12 @@ def fit_ekfac(batches: Callable[[], Iterable[Batch]] | None, layout: Sequence[La
     on flattened features: d_in² + d_out² instead of d_out·d_in² per sample). ``dim``: the
     store's dimension (default: the layout's end);
     coordinates outside every block need ``rest_diagonal`` (r,) from a
-    :class:`DiagonalAccumulator` over the store's rows, in :func:`rest_index` order."""
+    :class:`DiagonalAccumulator` over the store's rows, in :func:`rest_index` order.
+
+    ``comm`` (a process group, :mod:`engine.distributed`): each rank passes its own samples
+    (``covariances``, ``captured``, ``rows()``, ``batches()``); the covariances and Λ's sums are
+    summed over the ranks, every rank takes rank 0's eigenbases, and every rank returns the
+    factors of all the samples."""
     layout = tuple(layout)
     dim = max((int(blk.index().max()) + 1 for blk in layout), default=0) if dim is None else dim
     rest = rest_index(layout, dim)
@@ -339,10 +373,14 @@ def fit_ekfac(batches: Callable[[], Iterable[Batch]] | None, layout: Sequence[La
         cov = CovarianceAccumulator(layout, dtype=dtype, device=device)
         for name, a, delta in batches():  # type: ignore[misc]
             cov.update(name, a, delta)
+    if comm is not None:
+        cov.all_reduce(comm)
     bases, spectra = {}, {}
     for blk in layout:
         a_cov, s_cov = cov.covariances(blk.name)
         (sig_a, q_a), (sig_s, q_s) = eigenbasis(a_cov), eigenbasis(s_cov)
+        if comm is not None:  # one basis for all: eigh's signs may differ in the last bits
+            sig_a, q_a, sig_s, q_s = (comm.broadcast(t.contiguous()) for t in (sig_a, q_a, sig_s, q_s))
         bases[blk.name], spectra[blk.name] = (q_a, q_s), (sig_a, sig_s)
     lam = LambdaAccumulator(bases, dtype=dtype, device=device)
     captured = captured or {}
@@ -360,6 +398,8 @@ def fit_ekfac(batches: Callable[[], Iterable[Batch]] | None, layout: Sequence[La
         for name, a, delta in batches():  # type: ignore[misc]
             if name not in captured:
                 lam.update(name, a, delta)
+    if comm is not None:
+        lam.all_reduce(comm)
     layers = {blk.name: LayerFactors(
         activation_eigenvectors=bases[blk.name][0], gradient_eigenvectors=bases[blk.name][1],
         activation_eigenvalues=spectra[blk.name][0], gradient_eigenvalues=spectra[blk.name][1],

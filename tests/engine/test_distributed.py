@@ -20,6 +20,8 @@ import torch
 import engine
 from engine.distributed import LocalComm, reduced_hvp, shard_rows
 from engine.query.topk import RunningTopK, merge_topk, naive_topk
+from engine.runinfo import CURVATURE_FILE
+from engine.store.files import load_tensors
 from engine.store.gradients import GRADS_FILE, as_torch
 from engine.store_stage import write_store
 
@@ -158,3 +160,32 @@ def test_rank_zero_finishes_the_store_only_after_every_rank_flagged_its_rows(tmp
     rows = np.load(tmp_path / GRADS_FILE)
     np.testing.assert_array_equal(rows, np.repeat(np.arange(n, dtype=np.float32)[:, None], 3, axis=1))
     assert (tmp_path / "manifest.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("projection", [[], ["--projection", "kronecker", "--project", "40"]],
+                         ids=["full", "kronecker"])
+def test_two_gloo_processes_fit_ekfac_from_their_own_rows(projection: list[str], tmp_path: Path) -> None:
+    # each rank accumulates the covariances of its rows in its store pass and Λ from its rows,
+    # summed over the ranks: the factors and scores of one process, without rank 0's passes over
+    # all the data
+    opts = ["--data", "digits", "--model", "cnn", "--ihvp", "ekfac", "--dtype", "float64", "--epochs", "3",
+            "--train-size", "300", "--test-size", "20", "--device", "cpu", "--chunk-size", "64", *projection]
+    out = tmp_path / "dist"
+    done = torchrun(["-m", "app.cli", "build", "--distributed", "--out", str(out), *opts])
+    assert "ekfac covariances" not in done.stderr  # no capture pass over the data on rank 0
+    kw = {"projection": "kronecker", "project": 40} if projection else {}
+    ref = engine.build("digits", "cnn", tmp_path / "one", device="cpu", progress=False, ihvp="ekfac",
+                       dtype="float64", train=engine.TrainConfig(epochs=3), train_size=300, test_size=20,
+                       chunk_size=64, **kw)
+    got, want = load_tensors(out / CURVATURE_FILE), load_tensors(ref.path / CURVATURE_FILE)
+    assert got.keys() == want.keys()
+    for key in want:
+        if key.endswith("eigenvectors"):  # up to each eigenvector's sign: compare Q diag(σ) Qᵀ
+            vals = key.replace("eigenvectors", "eigenvalues")
+            torch.testing.assert_close(got[key] @ torch.diag(got[vals]) @ got[key].T,
+                                       want[key] @ torch.diag(want[vals]) @ want[key].T, rtol=1e-8, atol=1e-12)
+        else:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-8, atol=1e-12, msg=key)
+    np.testing.assert_allclose(engine.open_run(out).scores([0, 1, 2]), ref.scores([0, 1, 2]), rtol=1e-6,
+                               atol=1e-10)
