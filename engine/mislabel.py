@@ -96,8 +96,11 @@ def _rankings(run: Run, ihvp: str | None) -> dict[MislabelScore, tuple[Callable[
 
 
 def mislabel_check(run: Run, *, ihvp: str | None = None,
-                   percents: Sequence[float] = DEFAULT_PERCENTS, save: bool = True) -> dict[str, Any]:
+                   percents: Sequence[float] = DEFAULT_PERCENTS, save: bool = True,
+                   callback: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """AUC and recall@p% of every mislabel score against the run's recorded label flips.
+    ``callback(done, total)`` runs at the start and after each score (self-influence, the
+    longest, first); an exception it raises (a cancelled job) stops the check, nothing saved.
 
     Returns (and with ``save`` writes to ``mislabel.json``) ``{"n_train", "n_flipped",
     "label_noise", "ihvp", "scores": [{"score", "auc", "recall": {"p": r}, "seconds",
@@ -117,12 +120,17 @@ def mislabel_check(run: Run, *, ihvp: str | None = None,
     positive[flipped] = True
     method = run.solver(ihvp).method.value
     rows = []
-    for name, (compute, detail) in _rankings(run, ihvp).items():
+    rankings = _rankings(run, ihvp)
+    if callback:
+        callback(0, len(rankings))
+    for name, (compute, detail) in rankings.items():
         t = time.perf_counter()
         score = np.asarray(compute(), dtype=np.float64)  # (n,)
         rows.append({"score": name.value, "auc": roc_auc(score, positive),
                      "recall": {_percent_key(p): recall_at(score, positive, p) for p in percents},
                      "seconds": time.perf_counter() - t, "detail": detail})
+        if callback:
+            callback(len(rows), len(rankings))
     report = {
         "n_train": run.n_train,
         "n_flipped": int(flipped.size),

@@ -3,7 +3,10 @@
    job (static/lib/jobs.js) and shows its progress in the form's status line (role="status", so
    screen readers hear it), then fetches the overview again and swaps in the fresh results
    (the element named by data-refresh), without reloading the page. A status line with a
-   button.job-cancel offers to cancel the running job; the form can start it again afterwards. */
+   button.job-cancel offers to cancel the running job; the form can start it again afterwards.
+   The form's data-doing and data-steps name its work in the progress line ("Scoring: 1 of 3
+   done…") and in the cancel's ("Cancelled after 1 of 3 scores."); by default "Retraining" and
+   "retrainings". */
 (function () {
   "use strict";
 
@@ -41,6 +44,8 @@
     var text = status.querySelector(".job-text");
     var button = form.querySelector("button[type=submit]");
     var stop = status.querySelector("button.job-cancel");  // where the template offers a Cancel
+    var doing = form.getAttribute("data-doing") || "Retraining";
+    var steps = form.getAttribute("data-steps") || "retrainings";
 
     function say(message, isError) {
       status.hidden = false;
@@ -59,7 +64,7 @@
         progress: function (j) {
           var p = j.progress || {};
           say(j.status === "queued" ? "Waiting for another job to finish…"
-              : p.total ? "Retraining: " + p.done + " of " + p.total + " done…" : "Running…");
+              : p.total ? doing + ": " + p.done + " of " + p.total + " done…" : "Running…");
         },
         done: function (j) {
           return refresh(form.getAttribute("data-refresh")).then(function () {
@@ -70,7 +75,7 @@
         cancelled: function (j) {
           var p = j.progress || {};
           var hint = stop && stop.getAttribute("data-cancelled");  // what was kept, if anything
-          ended("Cancelled" + (p.total ? " after " + p.done + " of " + p.total + " retrainings" : "") + "." +
+          ended("Cancelled" + (p.total ? " after " + p.done + " of " + p.total + " " + steps : "") + "." +
                 (hint ? " " + hint : ""));
         },
         lost: function (err) { ended("Could not follow the job: " + err.message, true); }

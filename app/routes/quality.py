@@ -122,10 +122,7 @@ def start_mislabel_check(jobs: JobManager, dash: Dashboard, body: MislabelReques
                          "--label-noise F (e.g. 0.1) to measure mislabel detection")
 
     def work(report: Report) -> dict[str, Any]:
-        report(0, 1)
-        out = mislabel_check(run, ihvp=body.ihvp, save=True)
-        report(1, 1)
-        return out
+        return mislabel_check(run, ihvp=body.ihvp, save=True, callback=report)
 
     return _submit(jobs, MISLABEL, body.model_dump(), work)
 

@@ -170,7 +170,7 @@ def test_mislabel_check_job_and_panel(noisy_client: TestClient) -> None:
     r = noisy_client.post("/api/v1/mislabels/check", json={"ihvp": "cg"})
     assert r.status_code == 202, r.text
     job = _wait(noisy_client, r.json()["url"])
-    assert job["status"] == "done" and job["progress"] == {"done": 1, "total": 1}, job["error"]
+    assert job["status"] == "done" and job["progress"] == {"done": 3, "total": 3}, job["error"]
     out = job["result"]
     assert out["n_flipped"] == 9 and out["ihvp"] == "cg"
     assert [s["score"] for s in out["scores"]] == ["self_influence", "loss", "grad_norm"]

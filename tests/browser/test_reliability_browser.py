@@ -246,3 +246,69 @@ def test_a_refused_cancel_says_why_and_can_be_tried_again(rtab: Tab) -> None:
     finally:
         cancel_quietly(rtab, job)
     rtab.assert_clean()
+
+
+def test_cancel_button_stops_the_brittleness_search(rtab: Tab) -> None:
+    page = rtab.page
+    rtab.goto("/")
+    rows = page.locator("table.brittle-table tbody tr").count()
+    form = page.locator("#brittleness form")
+    cancel = page.locator("#brittleness .job-status button.job-cancel")
+    text = page.locator("#brittleness .job-status .job-text")
+    assert cancel.is_hidden()
+    form.locator("input[name=tests]").fill("30")  # about 4 retrainings each: minutes, the cancel lands first
+    with page.expect_response(lambda r: r.url == rtab.base + "/api/v1/brittleness") as answer:
+        form.locator("button[type=submit]").click()
+    job = answer.value.json()
+    try:
+        text.filter(has_text="Retraining:").wait_for()
+        assert cancel.is_visible() and cancel.is_enabled()
+        cancel.click()
+        text.filter(has_text="Cancelled after").wait_for()
+        state = job_state(rtab, job["id"])
+        assert (state["status"], state["error_kind"]) == ("error", "cancelled")
+        done, total = state["progress"]["done"], state["progress"]["total"]
+        assert text.inner_text() == f"Cancelled after {done} of {total} retrainings. Nothing is saved."
+        assert cancel.is_hidden() and form.locator("button[type=submit]").is_enabled()
+        assert page.locator("table.brittle-table tbody tr").count() == rows
+    finally:
+        cancel_quietly(rtab, job)
+    rtab.assert_clean()
+
+
+def test_mislabel_check_shows_its_scores_and_cancels(rtab: Tab) -> None:
+    # the real check of this run takes well under a second, too fast to click: the job's answers
+    # are played by the page's routes (the check's own steps and cancel: tests/engine, tests/app)
+    page = rtab.page
+    job = {"id": "fake-mislabel", "kind": "mislabel_check", "status": "running", "seconds": 1.0,
+           "progress": {"done": 1, "total": 3}, "error": None, "error_kind": None,
+           "url": "/api/v1/jobs/fake-mislabel", "params": {}, "result": None}
+    cancelled = {"value": False}
+
+    def post(route: Any) -> None:
+        route.fulfill(status=202, json={**job, "progress": {"done": 0, "total": 3}})
+
+    def follow(route: Any) -> None:
+        if route.request.method == "DELETE":
+            cancelled["value"] = True
+            route.fulfill(json=job)
+        elif cancelled["value"]:
+            route.fulfill(json={**job, "status": "error", "error_kind": "cancelled", "error": "cancelled"})
+        else:
+            route.fulfill(json=job)
+
+    page.route(rtab.base + "/api/v1/mislabels/check", post)
+    page.route(rtab.base + "/api/v1/jobs/fake-mislabel", follow)
+    rtab.goto("/")
+    cancel = page.locator("#mislabel .job-status button.job-cancel")
+    text = page.locator("#mislabel .job-status .job-text")
+    assert cancel.is_hidden()
+    page.locator("#mislabel form button[type=submit]").click()
+    text.filter(has_text="Scoring: 1 of 3 done").wait_for()
+    assert cancel.is_visible()
+    cancel.click()
+    text.filter(has_text="Cancelled after").wait_for()
+    assert text.inner_text() == ("Cancelled after 1 of 3 scores. It stops after the score being computed; "
+                                 "nothing is saved.")
+    assert cancelled["value"] and cancel.is_hidden()
+    rtab.assert_clean()

@@ -84,6 +84,25 @@ def test_every_score_finds_the_flipped_labels_of_a_convex_run(noisy_run: engine.
     assert (noisy_run.path / MISLABEL_FILE).is_file()
 
 
+def test_the_callback_follows_each_score_and_a_raise_stops_the_check(noisy_run: engine.Run) -> None:
+    calls: list[tuple[int, int]] = []
+    mislabel_check(noisy_run, save=False, callback=lambda done, total: calls.append((done, total)))
+    assert calls == [(0, 3), (1, 3), (2, 3), (3, 3)]
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_one(done: int, total: int) -> None:
+        if done == 1:
+            raise Stop  # a cancelled job's report raises like this
+
+    saved = (noisy_run.path / MISLABEL_FILE).read_bytes() if (noisy_run.path / MISLABEL_FILE).is_file() else None
+    with pytest.raises(Stop):
+        mislabel_check(noisy_run, callback=stop_after_one)
+    after = (noisy_run.path / MISLABEL_FILE).read_bytes() if (noisy_run.path / MISLABEL_FILE).is_file() else None
+    assert after == saved  # nothing written
+
+
 def test_a_run_without_flips_is_refused_with_the_fix(blobs_run: engine.Run) -> None:
     with pytest.raises(InfluenceError, match="--label-noise"):
         mislabel_check(blobs_run, save=False)
