@@ -13,12 +13,20 @@ seed's θ̂ reproducible on one machine.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
+import logging
 import os
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 
 import torch
 
-__all__ = ["auto_threads", "flushing_denormals", "intra_op_threads"]
+__all__ = ["auto_threads", "flushing_denormals", "intra_op_threads", "set_flush_denormal_everywhere"]
+
+logger = logging.getLogger(__name__)
+
+_TEAM_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p)  # void (*fn)(void *data)
 
 
 def auto_threads() -> int:
@@ -31,6 +39,47 @@ def flushing_denormals() -> bool:
     return bool(torch.tensor(1e-39, dtype=torch.float32).item() == 0.0)
 
 
+@functools.cache
+def _omp_parallel() -> Callable[..., None] | None:
+    """libgomp's ``GOMP_parallel(fn, data, num_threads, flags)`` of the OpenMP runtime PyTorch
+    loaded (found in this process's memory maps, Linux), or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            path = next((line.split()[-1] for line in maps if "libgomp" in line.rsplit("/", 1)[-1]), None)
+        if path is None:
+            return None
+        fn = ctypes.CDLL(path).GOMP_parallel
+    except (OSError, AttributeError) as exc:
+        logger.debug("no OpenMP team call (%s): denormals are flushed on the calling thread only", exc)
+        return None
+    fn.argtypes = [_TEAM_FN, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+    fn.restype = None
+    return fn
+
+
+def set_flush_denormal_everywhere(mode: bool) -> int:
+    """``torch.set_flush_denormal(mode)`` on the calling thread and on every thread of its OpenMP
+    team (``torch.get_num_threads()`` of them), where PyTorch's intra-op work runs: the mode is a
+    per-thread CPU flag, so setting it on the calling thread alone left a 2-thread elementwise op
+    on denormal inputs half flushed. Returns how many threads were set (1 where the OpenMP
+    runtime cannot be called: the calling thread only)."""
+    torch.set_flush_denormal(mode)
+    team = torch.get_num_threads()
+    parallel = _omp_parallel() if team > 1 else None
+    if parallel is None:
+        return 1
+    reached: list[int] = []
+
+    def each(_data: int | None) -> None:  # runs once on every thread of the team
+        torch.set_flush_denormal(mode)
+        reached.append(1)
+
+    parallel(_TEAM_FN(each), None, team, 0)
+    return len(reached)
+
+
 @contextlib.contextmanager
 def intra_op_threads(n: int) -> Iterator[int]:
     """Run the block with at most ``n`` PyTorch intra-op threads (0: :func:`auto_threads`),
@@ -41,19 +90,18 @@ def intra_op_threads(n: int) -> Iterator[int]:
     training set, the output gradients of confidently fitted points shrink into that range and
     the backward pass slows with them (a ResNet's epochs on 5,000 Fashion-MNIST images went from
     14 s to 116 s; a synthetic backward with such gradients 1.6× slower). Flushing them changes
-    values below 1.2e-38 only. The mode is per thread (the calling one; with one intra-op thread,
-    the default on 2 cores, that is every one)."""
+    values below 1.2e-38 only. The mode is a per-thread flag: it is set on the calling thread and
+    on its OpenMP team (:func:`set_flush_denormal_everywhere`), and afterwards every one of them
+    takes the calling thread's previous mode."""
     before = torch.get_num_threads()
     use = max(1, min(n if n > 0 else auto_threads(), before))
     flushing = flushing_denormals()
     if use != before:
         torch.set_num_threads(use)
-    if not flushing:
-        torch.set_flush_denormal(True)
+    set_flush_denormal_everywhere(True)
     try:
         yield use
     finally:
         if use != before:
             torch.set_num_threads(before)
-        if not flushing:
-            torch.set_flush_denormal(False)
+        set_flush_denormal_everywhere(flushing)

@@ -177,6 +177,26 @@ def test_denormals_are_flushed_inside_the_compute_context_and_restored_after() -
     assert not flushing_denormals()
 
 
+def test_every_intra_op_thread_flushes_denormals_and_gets_its_mode_back() -> None:
+    # the flag is per thread: set on the calling thread alone, a 2-thread op on denormal inputs
+    # came out half flushed (the calling thread's half zero, the OpenMP worker's half not)
+    from engine.models.threads import set_flush_denormal_everywhere
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        set_flush_denormal_everywhere(False)
+        tiny = torch.full((1_000_000,), 1e-39, dtype=torch.float32)  # denormal; split over 2 threads
+        assert bool((tiny * 0.5 != 0).all())
+        with intra_op_threads(2) as used:
+            assert used == 2
+            inside = tiny * 0.5
+        assert int((inside != 0).sum()) == 0  # every thread's share flushed
+        assert bool((tiny * 0.5 != 0).all())  # and every thread back to not flushing
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_weight_decay_defaults_by_model_kind_and_an_explicit_value_wins() -> None:
     from engine.config import NETWORK_WEIGHT_DECAY, WEIGHT_DECAY, BuildConfig
     from engine.options import add_build_options, build_kwargs
