@@ -370,10 +370,11 @@ def _build_into(folder: Path, config: BuildConfig, *, requested: str, progress: 
             elif comm.is_root:  # one process, or a resumed distributed build: all the data on rank 0
                 rows = resident or MappedRows(folder, expect=expect, compute_dtype=dtype, device=dev)
                 x_full = torch.from_numpy(np.array(x_all)).to(dev, dtype)
+                whole = gathered and comm.world == 1  # else rank 0's pass saw its own rows only
                 save_tensors(folder / CURVATURE_FILE, ekfac_factors(
                     space, x_full, torch.from_numpy(np.array(y_all)), rows, progress=progress,
-                    covariances=gather.covariances if gathered else None,
-                    captured=gather.captured if gathered else None))
+                    covariances=gather.covariances if whole else None,
+                    captured=gather.captured if whole else None))
         record("curvature", curvature, curvature_s=time.perf_counter() - t)
         logger.info("curvature (%s) in %.1f s", config.ihvp.value, time.perf_counter() - t)
     comm.barrier()

@@ -378,8 +378,12 @@ def fit_ekfac(batches: Callable[[], Iterable[Batch]] | None, layout: Sequence[La
     bases, spectra = {}, {}
     for blk in layout:
         a_cov, s_cov = cov.covariances(blk.name)
-        (sig_a, q_a), (sig_s, q_s) = eigenbasis(a_cov), eigenbasis(s_cov)
-        if comm is not None:  # one basis for all: eigh's signs may differ in the last bits
+        if comm is None or comm.is_root:
+            (sig_a, q_a), (sig_s, q_s) = eigenbasis(a_cov), eigenbasis(s_cov)
+        else:  # rank 0's bases, broadcast below: one basis for all
+            sig_a, sig_s = a_cov.new_zeros(blk.d_in), s_cov.new_zeros(blk.d_out)
+            q_a, q_s = torch.zeros_like(a_cov), torch.zeros_like(s_cov)
+        if comm is not None:
             sig_a, q_a, sig_s, q_s = (comm.broadcast(t.contiguous()) for t in (sig_a, q_a, sig_s, q_s))
         bases[blk.name], spectra[blk.name] = (q_a, q_s), (sig_a, sig_s)
     lam = LambdaAccumulator(bases, dtype=dtype, device=device)

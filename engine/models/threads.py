@@ -17,8 +17,8 @@ import ctypes
 import functools
 import logging
 import os
-import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 
@@ -41,18 +41,20 @@ def flushing_denormals() -> bool:
 
 @functools.cache
 def _omp_parallel() -> Callable[..., None] | None:
-    """libgomp's ``GOMP_parallel(fn, data, num_threads, flags)`` of the OpenMP runtime PyTorch
-    loaded (found in this process's memory maps, Linux), or None where there is none."""
-    if not sys.platform.startswith("linux"):
+    """``GOMP_parallel(fn, data, num_threads, flags)`` of the OpenMP runtime PyTorch's own CPU
+    library uses, or None (not an OpenMP build, or no such entry point). The symbol is looked up
+    through ``libtorch_cpu``, whose dependencies come first: another copy of libgomp in the
+    process (scikit-learn ships one) would start a thread pool of its own that torch never uses."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        logger.info("PyTorch's parallel backend is not OpenMP: denormals are flushed on the calling thread only")
         return None
+    lib = Path(torch.__file__).parent / "lib"
     try:
-        with open("/proc/self/maps", encoding="utf-8") as maps:
-            path = next((line.split()[-1] for line in maps if "libgomp" in line.rsplit("/", 1)[-1]), None)
-        if path is None:
-            return None
-        fn = ctypes.CDLL(path).GOMP_parallel
-    except (OSError, AttributeError) as exc:
-        logger.debug("no OpenMP team call (%s): denormals are flushed on the calling thread only", exc)
+        library = next(p for p in (lib / "libtorch_cpu.so", lib / "libtorch_cpu.dylib") if p.is_file())
+        fn = ctypes.CDLL(str(library)).GOMP_parallel
+    except (StopIteration, OSError, AttributeError) as exc:
+        logger.info("no OpenMP team call in PyTorch's library (%s): denormals are flushed on the "
+                    "calling thread only", type(exc).__name__)
         return None
     fn.argtypes = [_TEAM_FN, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
     fn.restype = None
@@ -98,8 +100,8 @@ def intra_op_threads(n: int) -> Iterator[int]:
     flushing = flushing_denormals()
     if use != before:
         torch.set_num_threads(use)
-    set_flush_denormal_everywhere(True)
     try:
+        set_flush_denormal_everywhere(True)
         yield use
     finally:
         if use != before:

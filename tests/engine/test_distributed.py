@@ -18,11 +18,12 @@ import pytest
 import torch
 
 import engine
+from engine.build import partial_folder
 from engine.distributed import LocalComm, reduced_hvp, shard_rows
 from engine.query.topk import RunningTopK, merge_topk, naive_topk
 from engine.runinfo import CURVATURE_FILE
 from engine.store.files import load_tensors
-from engine.store.gradients import GRADS_FILE, as_torch
+from engine.store.gradients import GRADS_FILE, StoreWriter, as_torch
 from engine.store_stage import write_store
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -189,3 +190,47 @@ def test_two_gloo_processes_fit_ekfac_from_their_own_rows(projection: list[str],
             torch.testing.assert_close(got[key], want[key], rtol=1e-8, atol=1e-12, msg=key)
     np.testing.assert_allclose(engine.open_run(out).scores([0, 1, 2]), ref.scores([0, 1, 2]), rtol=1e-6,
                                atol=1e-10)
+
+
+_STOP_BEFORE_STORE = """
+import os, sys
+import engine
+def stop(*args, **kwargs):
+    os._exit(0)  # killed once θ̂ is trained and recorded: the partial folder stays
+sys.modules["engine.build"].write_store = stop
+engine.build("digits", "cnn", sys.argv[1], device="cpu", progress=False, ihvp="ekfac", dtype="float64",
+             train=engine.TrainConfig(epochs=3), train_size=300, test_size=20, chunk_size=64)
+"""
+
+
+@pytest.mark.slow
+def test_a_resumed_distributed_ekfac_build_where_only_rank_0_wrote_all_its_rows(tmp_path: Path) -> None:
+    # a killed run left rows of rank 1's shard written and none of rank 0's: rank 0's store pass
+    # now sees all its own rows, rank 1's not, so the factors come from all the data on rank 0
+    # (not from rank 0's half, as they once did)
+    ref = engine.build("digits", "cnn", tmp_path / "one", device="cpu", progress=False, ihvp="ekfac",
+                       dtype="float64", train=engine.TrainConfig(epochs=3), train_size=300, test_size=20,
+                       chunk_size=64)
+    out = tmp_path / "dist"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-c", _STOP_BEFORE_STORE, str(out)], cwd=ROOT, env=env, check=True,
+                   timeout=300)
+    partial = partial_folder(out)
+    assert (partial / "build-state.json").is_file() and not (partial / GRADS_FILE).exists()
+    rows = np.load(ref.path / GRADS_FILE)  # (n, dim) float64: the rows every build computes
+    n, dim = rows.shape
+    writer = StoreWriter(partial, n=n, dim=dim, dtype="float64", resume=True)
+    written = slice(n // 2 + 10, n)  # inside rank 1's shard [n/2, n)
+    writer.write(written, torch.from_numpy(rows[written]))
+    writer.close()
+    torchrun(["-m", "app.cli", "build", "--distributed", "--resume", "--data", "digits", "--model", "cnn",
+              "--ihvp", "ekfac", "--dtype", "float64", "--epochs", "3", "--train-size", "300", "--test-size",
+              "20", "--device", "cpu", "--chunk-size", "64", "--out", str(out), "--quiet"])
+    got, want = load_tensors(out / CURVATURE_FILE), load_tensors(ref.path / CURVATURE_FILE)
+    for key in want:
+        if key.endswith("eigenvectors"):
+            vals = key.replace("eigenvectors", "eigenvalues")
+            torch.testing.assert_close(got[key] @ torch.diag(got[vals]) @ got[key].T,
+                                       want[key] @ torch.diag(want[vals]) @ want[key].T, rtol=1e-8, atol=1e-12)
+        else:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-8, atol=1e-12, msg=key)

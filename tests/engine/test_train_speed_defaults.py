@@ -180,6 +180,8 @@ def test_denormals_are_flushed_inside_the_compute_context_and_restored_after() -
 def test_every_intra_op_thread_flushes_denormals_and_gets_its_mode_back() -> None:
     # the flag is per thread: set on the calling thread alone, a 2-thread op on denormal inputs
     # came out half flushed (the calling thread's half zero, the OpenMP worker's half not)
+    import sklearn.datasets  # noqa: F401 - its own libgomp copy in the process (a digits build loads it)
+
     from engine.models.threads import set_flush_denormal_everywhere
 
     before = torch.get_num_threads()
