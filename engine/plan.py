@@ -21,7 +21,7 @@ from .errors import InfluenceError
 from .grads.pca import PCA_SAMPLES
 from .models.objective import Objective
 from .models.threads import intra_op_threads
-from .models.train import planned_epochs
+from .models.train import planned_epochs, polish_budget, polish_skipped
 from .store.gradients import STORE_DTYPES
 
 __all__ = ["EXACT_MAX_PARAMS", "PROJECTIONS", "BuildPlan", "Stage", "auto_method", "available_memory",
@@ -175,9 +175,12 @@ def _training_stage(config: BuildConfig, objective: Objective, x: torch.Tensor, 
         fb_train = forward_backward_seconds(objective, x, y)
     epochs = planned_epochs(tc, n)
     epochs_s = epochs * n * fb_train
-    polish_s = min(tc.polish_s, tc.polish_share * epochs_s) if tc.lbfgs_steps > 0 else 0.0
-    return Stage("training", epochs_s + max(polish_s, 0.0), peak,
-                 f"{epochs} epochs, polish ≤ {max(polish_s, 0.0):.0f} s")
+    polish_s = polish_budget(tc, epochs_s=epochs_s)
+    if polish_s > 0 and polish_skipped(polish_s, epochs_s=epochs_s, epochs=epochs):
+        return Stage("training", epochs_s, peak, f"{epochs} epochs, polish skipped (an epoch outlasts its "
+                     f"{polish_s:.0f} s)")
+    return Stage("training", epochs_s + polish_s, peak,
+                 f"{epochs} epochs, polish ≤ {polish_s:.0f} s" if polish_s > 0 else f"{epochs} epochs, no polish")
 
 
 def plan_build(config: BuildConfig, objective: Objective, x: torch.Tensor, y: torch.Tensor, *,

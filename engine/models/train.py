@@ -277,6 +277,21 @@ def _epochs(objective: Objective, x: torch.Tensor, y: torch.Tensor, *, weight_de
     return losses
 
 
+def polish_budget(config: TrainConfig, *, epochs_s: float) -> float:
+    """Seconds the L-BFGS polish may take after epochs that took ``epochs_s``: ``polish_s``, or
+    ``polish_share`` of the epochs' time but at least ``POLISH_FLOOR_S``, whichever is less (0:
+    no polish)."""
+    if config.polish_s <= 0 or config.lbfgs_steps <= 0:
+        return 0.0
+    return min(config.polish_s, max(config.polish_share * epochs_s, POLISH_FLOOR_S))
+
+
+def polish_skipped(budget: float, *, epochs_s: float, epochs: int) -> bool:
+    """Whether one full-batch evaluation (about an epoch: ``epochs_s / epochs``) outlasts the
+    polish's ``budget`` (60,000 images): the polish could not keep to it, and is skipped."""
+    return epochs_s / max(epochs, 1) > budget
+
+
 def train_network(objective: Objective, x: torch.Tensor, y: torch.Tensor, *, weight_decay: float,
                   config: TrainConfig, seed: int, epoch_bar: Callable[[int], None] | None = None,
                   polish_bar: Callable[[int], None] | None = None) -> TrainResult:
@@ -306,11 +321,8 @@ def train_network(objective: Objective, x: torch.Tensor, y: torch.Tensor, *, wei
         epochs_s, epochs_cpu_s = time.perf_counter() - t, time.process_time() - cpu
         theta = objective.flat_params()
         evals = 0
-        budget = min(config.polish_s, max(config.polish_share * epochs_s, POLISH_FLOOR_S))
-        # one full-batch evaluation costs about an epoch: when that alone exceeds the budget
-        # (60,000 images), the polish could not keep to it, and is skipped
-        one_pass_s = epochs_s / max(epochs, 1)
-        skipped = one_pass_s > budget
+        budget = polish_budget(config, epochs_s=epochs_s)
+        skipped = polish_skipped(budget, epochs_s=epochs_s, epochs=epochs)
         if config.polish_s > 0 and config.lbfgs_steps > 0 and budget > 0 and not skipped:
             theta, evals = lbfgs(objective, theta, x, y, weight_decay=weight_decay,
                                  steps=config.lbfgs_steps, budget_s=budget, progress=polish_bar,

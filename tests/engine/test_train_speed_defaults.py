@@ -217,3 +217,25 @@ def test_weight_decay_defaults_by_model_kind_and_an_explicit_value_wins() -> Non
     args = ap.parse_args(["--data", "digits", "--model", "cnn", "--out", "x"])
     assert BuildConfig(data="digits", model="cnn", **{k: v for k, v in build_kwargs(args).items()
                                                      if k == "weight_decay"}).weight_decay == 5e-4
+
+
+def test_the_plan_estimates_the_polish_budget_training_keeps_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the plan once left out the budget's floor: the demo's plan said "polish ≤ 1 s" and the
+    # polish took its 10 s
+    from engine.config import BuildConfig
+    from engine.models.train import POLISH_FLOOR_S, polish_budget
+    from engine.plan import _training_stage
+
+    x, y = blobs(n=100)
+    obj = mlp_objective()
+    for fb_s, polish_s, expect in [(1e-4, 10.0, "polish ≤ 10 s"),  # short epochs: the floor
+                                   (1e-2, 600.0, "polish ≤ 38 s"),  # a quarter of 150 epochs of 1 s
+                                   (1.0, 30.0, "polish skipped")]:  # an epoch of 100 s outlasts 30 s
+        monkeypatch.setattr("engine.plan.forward_backward_seconds", lambda *_a, s=fb_s: s)
+        config = BuildConfig(data="blobs", model="mlp", train=TrainConfig(epochs=150, polish_s=polish_s))
+        stage = _training_stage(config, obj, x, y, convex=False, fb=fb_s)
+        epochs_s = planned_epochs(config.train, 100) * 100 * fb_s
+        budget = polish_budget(config.train, epochs_s=epochs_s)
+        assert budget == min(polish_s, max(0.25 * epochs_s, POLISH_FLOOR_S))
+        assert expect in stage.note, stage.note
+        assert stage.seconds == pytest.approx(epochs_s + (0.0 if "skipped" in expect else budget))
