@@ -56,7 +56,7 @@ from .stages import accuracy, ekfac_factors, train_theta
 from .store.files import load_json, load_tensors, save_json, save_tensors
 from .store.gradients import DONE_FILE, MANIFEST_FILE
 from .store.resident import ResidentStore
-from .store_stage import MappedRows, ShardRows, kronecker_bases, user_grad_norm, write_store
+from .store_stage import MappedRows, kronecker_bases, user_grad_norm, write_store
 
 __all__ = ["ENGINE_VERSION", "STATE_FILE", "build", "partial_folder"]
 
@@ -321,7 +321,8 @@ def _build_into(folder: Path, config: BuildConfig, *, requested: str, progress: 
                          threads=config.train.threads, comm=comm, progress=progress, extra=extra,
                          covariances=config.ihvp is IHVPMethod.EKFAC, row_sum=full_user,
                          resident=member == 0 and config.ensemble == 1)
-    resident = None if gather is None else gather.resident  # the rows in memory, handed to the run
+    # the rows in memory, handed to the run (in a distributed build, a rank's own rows: for EK-FAC)
+    resident = gather.resident if gather is not None and comm.world == 1 else None
     manifest = load_json(folder / MANIFEST_FILE) if comm.is_root else {}
     if "store" not in state:
         record("store", manifest, gradients_s=time.perf_counter() - t)
@@ -361,9 +362,9 @@ def _build_into(folder: Path, config: BuildConfig, *, requested: str, progress: 
             expect = {"data_fingerprint": data_fp, "model_fingerprint": model_fp}
             gathered = gather is not None and gather.covariances is not None
             if comm.world > 1 and _every_rank(gathered, comm):
-                # each rank's covariances from its store pass and Λ from its own rows, summed
-                rows = ShardRows(MappedRows(folder, expect=expect, compute_dtype=dtype, device=dev), mine)
-                factors = ekfac_factors(space, x, y, rows, progress=progress, covariances=gather.covariances,
+                # each rank's covariances from its store pass and Λ from its own rows (kept in
+                # memory by that pass: no rank reads the file another rank finished), summed
+                factors = ekfac_factors(space, x, y, gather.resident, progress=progress, covariances=gather.covariances,
                                         captured=gather.captured, comm=comm)
                 if comm.is_root:
                     save_tensors(folder / CURVATURE_FILE, factors)

@@ -38,7 +38,7 @@ from .store.files import load_tensors, save_tensors
 from .store.gradients import GRADS_FILE, MANIFEST_FILE, TORCH_DTYPES, StoreWriter, as_torch, open_store
 from .store.resident import ResidentStore
 
-__all__ = ["MappedRows", "PassGather", "ShardRows", "full_selection", "kronecker_bases", "user_grad_norm", "write_store"]
+__all__ = ["MappedRows", "PassGather", "full_selection", "kronecker_bases", "user_grad_norm", "write_store"]
 
 
 @dataclass
@@ -46,13 +46,15 @@ class PassGather:
     """What the store pass accumulates besides the rows: EK-FAC's covariances (``covariances``,
     when asked for), ``row_sum`` Σ_i g_i (dim,) float64 of the rows as computed (before the
     store's dtype rounds them), over ``seen`` rows, and ``resident``, the store's rows as the
-    file holds them (so neither EK-FAC's Λ nor the returned run reads back the file just written:
-    on this machine a first read of a 364 MB store right after writing it took 0.5–1.1 s)."""
+    file holds them from row ``offset`` on (so neither EK-FAC's Λ nor the returned run reads back
+    the file just written: on this machine a first read of a 364 MB store right after writing it
+    took 0.5–1.1 s; in a distributed build, a rank's own rows)."""
 
     covariances: CovarianceAccumulator | None = None
     row_sum: torch.Tensor | None = None
     seen: int = 0
     resident: ResidentStore | None = field(default=None, repr=False)
+    offset: int = 0
 
     captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict, repr=False)
 
@@ -71,8 +73,9 @@ class PassGather:
     def on_rows(self, rows: slice, block: torch.Tensor) -> None:
         """Add the block of rows ``rows`` (b, dim)."""
         if self.resident is not None:
-            data = self.resident.data  # (n, dim) in the store's dtype
-            data[rows] = block.detach().to(device=data.device, dtype=data.dtype)
+            data = self.resident.data  # (rows kept, dim) in the store's dtype
+            data[rows.start - self.offset : rows.stop - self.offset] = block.detach().to(
+                device=data.device, dtype=data.dtype)
         if self.row_sum is not None:
             self.row_sum += block.detach().to(torch.float64).sum(0).cpu()  # (dim,)
         self.seen += block.shape[0]
@@ -117,9 +120,10 @@ def write_store(folder: Path, space: GradientSpace, x: torch.Tensor, y: torch.Te
     """Rows ``mine`` of the store in ``folder`` (x, y: those rows), only those not yet written;
     rank 0 writes the manifest with ``extra`` once every rank's rows are in. Returns what the
     pass gathered when this process wrote all its rows (``mine``) in this call: ``covariances``,
-    EK-FAC's over those rows, and when this one process wrote every row of the store,
-    ``row_sum`` (Σ g_i) and ``resident`` (the rows in memory); None otherwise (the caller then
-    makes the separate passes and reads the file)."""
+    EK-FAC's over those rows, and ``resident``, the rows in memory (``resident``: when this one
+    process wrote every row of the store; ``covariances`` in a distributed build: this rank's
+    rows), and when this one process wrote every row, ``row_sum`` (Σ g_i); None otherwise (the
+    caller then makes the separate passes and reads the file)."""
     dim = space.dim
     if (folder / GRADS_FILE).is_file():  # renamed only once every row was in
         if comm.is_root and not (folder / MANIFEST_FILE).is_file():
@@ -136,9 +140,6 @@ def write_store(folder: Path, space: GradientSpace, x: torch.Tensor, y: torch.Te
     obj = space.objective
     if gather is not None and row_sum and alone:
         gather.row_sum = torch.zeros(dim, dtype=torch.float64)
-    if gather is not None and resident and alone:
-        gather.resident = ResidentStore(torch.empty((n, dim), dtype=TORCH_DTYPES[store_dtype], device=obj.device),
-                                        compute_dtype=obj.dtype)
     layerwise = None
     if gather is not None and covariances:
         if space.kind == "full":
@@ -146,6 +147,11 @@ def write_store(folder: Path, space: GradientSpace, x: torch.Tensor, y: torch.Te
         if space.kind == "kronecker" or layerwise is not None:
             gather.covariances = CovarianceAccumulator(ekfac_layout(space)[1], dtype=obj.dtype,
                                                        device=obj.device)
+    if gather is not None and (resident and alone or gather.covariances is not None and not alone):
+        # the whole store for the returned run, or this rank's rows for EK-FAC's Λ
+        gather.resident = ResidentStore(torch.empty((mine.stop - mine.start, dim), dtype=TORCH_DTYPES[store_dtype],
+                                                    device=obj.device), compute_dtype=obj.dtype)
+        gather.offset = mine.start
     with tqdm(total=mine.stop - mine.start, initial=mine.stop - mine.start - len(todo), desc="gradients",
               unit="img", disable=not progress, file=sys.stderr) as bar, intra_op_threads(threads):
         for rows in row_runs(todo, chunk):
@@ -172,24 +178,6 @@ def write_store(folder: Path, space: GradientSpace, x: torch.Tensor, y: torch.Te
     if comm.is_root:
         writer.finish(extra)
     return gather
-
-
-class ShardRows:
-    """Rows ``part`` of a row source (a store's :class:`MappedRows`), as its rows 0, 1, …: one
-    rank's rows of the store."""
-
-    def __init__(self, source: MappedRows, part: slice) -> None:
-        self.source, self.part = source, part
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (self.part.stop - self.part.start, *self.source.shape[1:])
-
-    def rows(self, index: slice) -> torch.Tensor:
-        """Rows (b, dim) of ``index`` (clipped to the shard)."""
-        start = self.part.start + (index.start or 0)
-        stop = self.part.stop if index.stop is None else min(self.part.start + index.stop, self.part.stop)
-        return self.source.rows(slice(start, stop))
 
 
 def user_grad_norm(obj_all: Objective, theta_all: torch.Tensor, gather: PassGather | None, *,
