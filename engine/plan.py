@@ -18,7 +18,9 @@ import torch
 
 from .config import AUTO_IHVP, BuildConfig, IHVPMethod, ModelKind
 from .errors import InfluenceError
-from .grads.pca import PCA_SAMPLES
+from .grads.capture import capture
+from .grads.layers import select_modules
+from .grads.pca import PCA_MACS_PER_S, covariance_macs, pca_sample_count
 from .models.objective import Objective
 from .models.threads import intra_op_threads
 from .models.train import planned_epochs, polish_budget, polish_skipped
@@ -183,6 +185,14 @@ def _training_stage(config: BuildConfig, objective: Objective, x: torch.Tensor, 
                  f"{epochs} epochs, polish ≤ {polish_s:.0f} s" if polish_s > 0 else f"{epochs} epochs, no polish")
 
 
+def _covariance_macs(objective: Objective, x: torch.Tensor, y: torch.Tensor, *, params: str | None) -> int:
+    """Multiply-adds one sample costs the pca bases' layer covariances (one capture of x[:1])."""
+    selection = select_modules(objective.model, params)
+    caps = capture(objective.model, objective.loss_fn, x[:1].to(objective.device, objective.dtype),
+                   y[:1].to(objective.device), selection=selection)
+    return covariance_macs(caps)
+
+
 def plan_build(config: BuildConfig, objective: Objective, x: torch.Tensor, y: torch.Tensor, *,
                kind: ModelKind, n_test: int, linear: bool, ihvp_requested: str) -> BuildPlan:
     """Resolve ``auto`` and estimate the stages of building ``config`` (x, y: the training set)."""
@@ -208,9 +218,11 @@ def plan_build(config: BuildConfig, objective: Objective, x: torch.Tensor, y: to
         note = ("per-sample gradients (chunk, p) whole" + (" and the dense P (p, K)" if k else "")
                 + "; for a large network use --projection kronecker --project K --store-dtype float16")
     store_bytes = n * store_dim * store_item
-    if kron and config.kronecker_basis == "pca":  # one raw capture pass over the first PCA_SAMPLES
-        stages.append(Stage("kronecker bases", min(n, PCA_SAMPLES) * fb * 3, 3 * p * itemsize,
-                            f"layer covariances of up to {min(n, PCA_SAMPLES):,} points and their eigenvectors"))
+    if kron and config.kronecker_basis == "pca":  # one raw capture pass over the points the budget allows
+        per_sample = _covariance_macs(objective, x, y, params=config.params)
+        samples = pca_sample_count(n, per_sample)
+        stages.append(Stage("kronecker bases", samples * (fb * 3 + per_sample / PCA_MACS_PER_S), 3 * p * itemsize,
+                            f"layer covariances of {samples:,} points and their eigenvectors"))
     stages.append(Stage("gradients", grad_s, grad_peak + store_bytes, note))
     if ihvp is IHVPMethod.EXACT:
         curv_s = 0.0 if linear else p * n * fb * 2 / 32

@@ -28,14 +28,16 @@ from torch import nn
 from ..errors import ModelError
 from ..ihvp.ekfac import CovarianceAccumulator, capture_batches, group_name, unprojected_layout
 from ..models.losses import LossFn
-from .capture import capture, model_dtype
+from .capture import Captures, capture, model_dtype
 from .kronecker import KroneckerProjector
 
-__all__ = ["BASES_FILE", "PCA_SAMPLES", "bases_from_tensors", "bases_to_tensors", "pca_bases", "top_eigenvectors"]
+__all__ = ["BASES_FILE", "PCA_MACS_PER_S", "PCA_SAMPLES", "bases_from_tensors", "bases_to_tensors", "covariance_macs",
+           "pca_bases", "pca_sample_count", "top_eigenvectors"]
 
 PCA_SAMPLES = 1024  # at most this many training points' layer covariances give the bases
 PCA_MIN_SAMPLES = 128  # and at least this many (or all), whatever the budget
 PCA_BUDGET = 5e11  # multiply-adds of the covariance products (about 35 s on one CPU core, float32)
+PCA_MACS_PER_S = 1.4e10  # the plan's estimate of their rate (PCA_BUDGET in about 35 s)
 BASES_FILE = "projection.pt"  # in the run folder, for a store with PCA bases
 DENSE_EIGH_MAX = 2048  # above this dimension (and k well below it) a randomised eigensolver
 SAMPLES_KEY = "basis_samples"  # in the bases file: how many training points gave them
@@ -66,8 +68,22 @@ def top_eigenvectors(cov: torch.Tensor, k: int, *, seed: int = 0) -> torch.Tenso
     return top * torch.where(pivot < 0, -1.0, 1.0)
 
 
+def covariance_macs(caps: Captures) -> int:
+    """Multiply-adds a sample costs the layer covariances of ``caps`` (one capture): Σ over
+    layers (and groups) of positions·(d_in² + d_out²)."""
+    return sum(a.shape[1] * (a.shape[-1] ** 2 + delta.shape[-1] ** 2) for _, a, delta in capture_batches(caps))
+
+
+def pca_sample_count(n: int, per_sample: int, *, budget: float | None = None) -> int:
+    """Training points the bases use: as many of the first n as ``budget`` multiply-adds
+    (default :data:`PCA_BUDGET`) allow at ``per_sample`` each, at least :data:`PCA_MIN_SAMPLES`,
+    at most :data:`PCA_SAMPLES` (and n)."""
+    budget = PCA_BUDGET if budget is None else budget
+    return min(n, PCA_SAMPLES, max(PCA_MIN_SAMPLES, int(budget // max(per_sample, 1))))
+
+
 def pca_bases(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor, *,
-              projector: KroneckerProjector, budget: float = PCA_BUDGET,
+              projector: KroneckerProjector, budget: float | None = None,
               progress: Callable[[int, int], None] | None = None
               ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per Kronecker layer of ``projector`` (its split fixes k_out, k_in): (P_out (g·d_out, k_out),
@@ -85,12 +101,10 @@ def pca_bases(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tenso
         if start >= total:
             break
         caps = capture(model, loss_fn, x[start : start + CHUNK], y[start : start + CHUNK], selection=selection)
-        per_sample = 0
         for name, a, delta in capture_batches(caps):  # products in the model's dtype, sums in float64
             cov.update(name, a, delta)
-            per_sample += a.shape[1] * (a.shape[-1] ** 2 + delta.shape[-1] ** 2)
         if start == 0:  # the first chunk's shapes give a sample's cost, and so the sample count
-            total = min(len(x), max(PCA_MIN_SAMPLES, int(budget // max(per_sample, 1))))
+            total = pca_sample_count(len(x), covariance_macs(caps), budget=budget)
         if progress is not None:
             progress(min(start + CHUNK, total), total)
     projector.basis_samples = min(total, len(x))

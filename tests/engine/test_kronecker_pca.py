@@ -123,3 +123,20 @@ def test_the_sample_budget_bounds_the_covariance_pass() -> None:
         torch.testing.assert_close(few[name][1], ref[name][1])
     pca_bases(model, loss, x, y, projector=proj)
     assert proj.basis_samples == 300
+
+
+@pytest.mark.parametrize("budget", [None, 1.0], ids=["default", "one-sample budget"])
+def test_the_plan_counts_the_points_the_bases_use(budget: float | None, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # the plan once assumed up to 1,024 points whatever the budget (6 min estimated for a
+    # ResNet-18 whose bases took 128 points and 22.5 s)
+    from engine.grads import pca
+
+    if budget is not None:
+        monkeypatch.setattr(pca, "PCA_BUDGET", budget)
+    run = engine.build("digits", "cnn", tmp_path / "k", project=40, projection="kronecker",
+                       kronecker_basis="pca", ihvp="fisher", **DIGITS, **F64)
+    used = run.store.manifest["projection"]["split"]["basis_samples"]
+    assert used == (300 if budget is None else pca.PCA_MIN_SAMPLES)
+    (stage,) = [s for s in run.info.raw["plan"]["stages"] if s["name"] == "kronecker bases"]
+    assert stage["note"].startswith(f"layer covariances of {used:,} points")
