@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from .config import AUTO_IHVP, BuildConfig, IHVPMethod, ModelKind
-from .errors import InfluenceError
+from .errors import InfluenceError, ModelError
 from .grads.capture import capture
 from .grads.layers import select_modules
-from .grads.pca import PCA_MACS_PER_S, covariance_macs, pca_sample_count
+from .grads.pca import PCA_MACS_PER_S, PCA_SAMPLES, covariance_macs, pca_sample_count
 from .models.objective import Objective
 from .models.threads import intra_op_threads
 from .models.train import planned_epochs, polish_budget, polish_skipped
@@ -185,9 +185,16 @@ def _training_stage(config: BuildConfig, objective: Objective, x: torch.Tensor, 
                  f"{epochs} epochs, polish ≤ {polish_s:.0f} s" if polish_s > 0 else f"{epochs} epochs, no polish")
 
 
-def _covariance_macs(objective: Objective, x: torch.Tensor, y: torch.Tensor, *, params: str | None) -> int:
-    """Multiply-adds one sample costs the pca bases' layer covariances (one capture of x[:1])."""
-    selection = select_modules(objective.model, params)
+def _covariance_macs(objective: Objective, x: torch.Tensor, y: torch.Tensor, *, params: str | None) -> int | None:
+    """Multiply-adds one sample costs the pca bases' layer covariances (one capture of x[:1]),
+    or None where the layers cannot be captured (a TorchScript model, a module the layer-wise
+    path does not handle: the gradient space says why when the build makes it)."""
+    if not objective.functional:
+        return None
+    try:
+        selection = select_modules(objective.model, params)
+    except ModelError:
+        return None
     caps = capture(objective.model, objective.loss_fn, x[:1].to(objective.device, objective.dtype),
                    y[:1].to(objective.device), selection=selection)
     return covariance_macs(caps)
@@ -220,9 +227,9 @@ def plan_build(config: BuildConfig, objective: Objective, x: torch.Tensor, y: to
     store_bytes = n * store_dim * store_item
     if kron and config.kronecker_basis == "pca":  # one raw capture pass over the points the budget allows
         per_sample = _covariance_macs(objective, x, y, params=config.params)
-        samples = pca_sample_count(n, per_sample)
-        stages.append(Stage("kronecker bases", samples * (fb * 3 + per_sample / PCA_MACS_PER_S), 3 * p * itemsize,
-                            f"layer covariances of {samples:,} points and their eigenvectors"))
+        samples = pca_sample_count(n, per_sample) if per_sample else min(n, PCA_SAMPLES)
+        stages.append(Stage("kronecker bases", samples * (fb * 3 + (per_sample or 0) / PCA_MACS_PER_S),
+                            3 * p * itemsize, f"layer covariances of {samples:,} points and their eigenvectors"))
     stages.append(Stage("gradients", grad_s, grad_peak + store_bytes, note))
     if ihvp is IHVPMethod.EXACT:
         curv_s = 0.0 if linear else p * n * fb * 2 / 32

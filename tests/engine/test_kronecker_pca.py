@@ -140,3 +140,14 @@ def test_the_plan_counts_the_points_the_bases_use(budget: float | None, tmp_path
     assert used == (300 if budget is None else pca.PCA_MIN_SAMPLES)
     (stage,) = [s for s in run.info.raw["plan"]["stages"] if s["name"] == "kronecker bases"]
     assert stage["note"].startswith(f"layer covariances of {used:,} points")
+
+
+def test_a_torchscript_model_with_pca_bases_gets_the_gradient_space_advice(blobs_npz: Path,
+                                                                           tmp_path: Path) -> None:
+    # the plan's capture skips a model it cannot hook; the build then says what to use instead
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 3)).double()
+    path = tmp_path / "model.pt"
+    torch.jit.script(model).save(str(path))
+    with pytest.raises(InfluenceError, match="TorchScript model can use --projection dense"):
+        engine.build(str(blobs_npz), str(path), tmp_path / "user", progress=False, dtype="float64",
+                     projection="kronecker", project=4, kronecker_basis="pca", ihvp="fisher")
