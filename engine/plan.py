@@ -26,8 +26,8 @@ from .models.threads import intra_op_threads
 from .models.train import planned_epochs, polish_budget, polish_skipped
 from .store.gradients import STORE_DTYPES
 
-__all__ = ["EXACT_MAX_PARAMS", "PROJECTIONS", "BuildPlan", "Stage", "auto_method", "available_memory",
-           "check_config", "check_method", "plan_build"]
+__all__ = ["EXACT_MAX_PARAMS", "PROJECTIONS", "BuildPlan", "Stage", "auto_method", "available_memory", "check_config",
+           "check_method", "gpu_free_memory", "memory_limit", "plan_build"]
 
 PROJECTIONS = ("dense", "kronecker")
 
@@ -82,6 +82,23 @@ class Stage:
     note: str = ""
 
 
+def gpu_free_memory(device: torch.device) -> int | None:
+    """Free bytes on a CUDA ``device`` (``torch.cuda.mem_get_info``), or None off CUDA."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free)
+
+
+def memory_limit(device: torch.device) -> tuple[int, str]:
+    """(bytes a build may plan with, where): the host's available memory, or on a GPU whose free
+    memory is smaller, that (a build's stages hold their tensors on its device)."""
+    host, gpu = available_memory(), gpu_free_memory(device)
+    if gpu is not None and gpu < host:
+        return gpu, f"GPU memory ({device})"
+    return host, "memory"
+
+
 @dataclass(frozen=True)
 class BuildPlan:
     """The resolved method and the estimated stages of one build."""
@@ -94,6 +111,7 @@ class BuildPlan:
     forward_backward_s: float  # one sample's measured forward + backward
     stages: tuple[Stage, ...] = field(default_factory=tuple)
     available_bytes: int = 0
+    available_where: str = "memory"  # or "GPU memory (cuda:0)" when the device's is the smaller
 
     @property
     def peak_bytes(self) -> int:
@@ -117,7 +135,7 @@ class BuildPlan:
             out.append(f"  {s.name:<11} ~{_duration(s.seconds):>8}  peak ~{_size(s.peak_bytes):>9}"
                        + (f"  {s.note}" if s.note else ""))
         out.append(f"  total       ~{_duration(self.seconds):>8}  peak ~{_size(self.peak_bytes):>9} "
-                   f"of {_size(self.available_bytes)} available")
+                   f"of {_size(self.available_bytes)} {self.available_where} available")
         return out
 
     def check(self) -> None:
@@ -126,8 +144,8 @@ class BuildPlan:
         for s in self.stages:
             if s.peak_bytes > limit:
                 raise InfluenceError(
-                    f"the {s.name} stage would need about {_size(s.peak_bytes)} of memory and "
-                    f"{_size(self.available_bytes)} is available{': ' + s.note if s.note else ''}")
+                    f"the {s.name} stage would need about {_size(s.peak_bytes)} of {self.available_where} "
+                    f"and {_size(self.available_bytes)} is available{': ' + s.note if s.note else ''}")
 
 
 def _size(n: float) -> str:
@@ -238,13 +256,14 @@ def plan_build(config: BuildConfig, objective: Objective, x: torch.Tensor, y: to
         stages.append(Stage("curvature", (k or 0) * n * fb * 2 / 32, 3 * store_dim**2 * 8, "K HVP columns PᵀHP"))
     elif ihvp is IHVPMethod.EKFAC:  # covariances during the store pass, Λ from the rows in memory
         stages.append(Stage("curvature", n * fb * 0.5, 2 * store_dim * 8,
-                            "factors from the store pass (a capture pass more if resumed or distributed)"))
+                            "factors from the store pass (a capture pass more if resumed)"))
     elif ihvp is IHVPMethod.FISHER:
         stages.append(Stage("curvature", n * store_dim**2 * 2 / 2e10, 3 * store_dim**2 * 8,
                             "the K×K Fisher, at the first query"))
+    limit, where = memory_limit(objective.device)
     return BuildPlan(ihvp=ihvp, ihvp_requested=ihvp_requested, n_params=p, store_dim=store_dim,
                      store_bytes=store_bytes, forward_backward_s=fb, stages=tuple(stages),
-                     available_bytes=available_memory())
+                     available_bytes=limit, available_where=where)
 
 
 def check_config(config: BuildConfig, requested: str) -> None:

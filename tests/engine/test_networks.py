@@ -155,6 +155,27 @@ def test_the_plan_refuses_a_build_the_machine_cannot_hold(blobs_npz: Path, tmp_p
     assert not (tmp_path / "big").exists() and not (tmp_path / ".big.partial").exists()
 
 
+def test_on_a_gpu_the_plan_holds_a_build_to_the_gpu_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    import engine.plan
+    from engine.plan import BuildPlan, Stage, memory_limit
+
+    monkeypatch.setattr(engine.plan, "available_memory", lambda: 64 * 10**9)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * 10**9, 80 * 10**9))
+    gpu = torch.device("cuda", 0)
+    assert memory_limit(gpu) == (2 * 10**9, "GPU memory (cuda:0)")
+    assert memory_limit(torch.device("cpu")) == (64 * 10**9, "memory")  # the host's on the CPU
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (70 * 10**9, 80 * 10**9))
+    assert memory_limit(gpu) == (64 * 10**9, "memory")  # the smaller of the two
+    limit, where = 2 * 10**9, "GPU memory (cuda:0)"
+    plan = BuildPlan(ihvp=IHVPMethod.FISHER, ihvp_requested="auto", n_params=11_173_962, store_dim=11_173_962,
+                     store_bytes=0, forward_backward_s=0.01, available_bytes=limit, available_where=where,
+                     stages=(Stage("gradients", 60.0, 22 * 10**9, "per-sample gradients (chunk, p) whole"),))
+    with pytest.raises(engine.InfluenceError, match=r"22.0 GB of GPU memory \(cuda:0\) and 2.0 GB is available"):
+        plan.check()
+    assert plan.lines()[-1].endswith("of 2.0 GB GPU memory (cuda:0) available")
+
+
 def test_methods_that_do_not_fit_the_store_are_refused(blobs_npz: Path, tmp_path: Path) -> None:
     with pytest.raises(engine.InfluenceError, match="full gradients"):
         engine.build(str(blobs_npz), "mlp", tmp_path / "a", project=8, ihvp="cg", **F64)
