@@ -359,7 +359,6 @@ def _build_into(folder: Path, config: BuildConfig, *, requested: str, progress: 
             curvature["lissa_scale"] = lissa_scale(hvp, n_params=obj.n_params, config=config,
                                                    dtype=dtype, device=dev)
         elif config.ihvp is IHVPMethod.EKFAC:
-            expect = {"data_fingerprint": data_fp, "model_fingerprint": model_fp}
             gathered = gather is not None and gather.covariances is not None
             if comm.world > 1 and _every_rank(gathered, comm):
                 # each rank's covariances from its store pass and Λ from its own rows (kept in
@@ -369,7 +368,9 @@ def _build_into(folder: Path, config: BuildConfig, *, requested: str, progress: 
                 if comm.is_root:
                     save_tensors(folder / CURVATURE_FILE, factors)
             elif comm.is_root:  # one process, or a resumed distributed build: all the data on rank 0
-                rows = resident or MappedRows(folder, expect=expect, compute_dtype=dtype, device=dev)
+                rows = resident or MappedRows(folder, expect={"data_fingerprint": data_fp,
+                                                              "model_fingerprint": model_fp},
+                                              compute_dtype=dtype, device=dev)
                 x_full = torch.from_numpy(np.array(x_all)).to(dev, dtype)
                 whole = gathered and comm.world == 1  # else rank 0's pass saw its own rows only
                 save_tensors(folder / CURVATURE_FILE, ekfac_factors(

@@ -125,6 +125,11 @@ def capture_batches(caps: Any) -> Iterator[Batch]:
             yield from split_groups(name, lc.a, lc.delta)
 
 
+def _summed_count(comm: Comm, count: int) -> int:
+    """``count`` summed over ``comm``'s ranks (a float64 all-reduce: exact for any row count)."""
+    return int(comm.all_reduce_sum(torch.tensor([float(count)], dtype=torch.float64)).item())
+
+
 def rest_index(layout: Sequence[LayerBlock], dim: int) -> torch.Tensor:
     """The store coordinates (r,) int64 that no layer block covers, ascending."""
     covered = torch.zeros(dim, dtype=torch.bool)
@@ -207,9 +212,8 @@ class CovarianceAccumulator:
             device = self.device or (self.a_sum[name].device if name in self.a_sum else torch.device("cpu"))
             a = self.a_sum.get(name, torch.zeros(blk.d_in, blk.d_in, dtype=torch.float64, device=device))
             s = self.s_sum.get(name, torch.zeros(blk.d_out, blk.d_out, dtype=torch.float64, device=device))
-            count = torch.tensor([float(self.positions.get(name, 0))], dtype=torch.float64)
             self.a_sum[name], self.s_sum[name] = comm.all_reduce_sum(a), comm.all_reduce_sum(s)
-            self.positions[name] = int(comm.all_reduce_sum(count).item())
+            self.positions[name] = _summed_count(comm, self.positions.get(name, 0))
 
     def covariances(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A (d_in, d_in), S (d_out, d_out))`` of layer ``name``, float64, symmetrised."""
@@ -299,9 +303,8 @@ class LambdaAccumulator:
             device = self.device or q_a.device
             total = self.sums.get(name, torch.zeros(q_s.shape[0], q_a.shape[0], dtype=torch.float64,
                                                     device=device))
-            count = torch.tensor([float(self.samples.get(name, 0))], dtype=torch.float64)
             self.sums[name] = comm.all_reduce_sum(total)
-            self.samples[name] = int(comm.all_reduce_sum(count).item())
+            self.samples[name] = _summed_count(comm, self.samples.get(name, 0))
 
     def lambda_matrix(self, name: str) -> torch.Tensor:
         """Λ (d_out, d_in) of layer ``name``, float64."""
@@ -327,7 +330,7 @@ class DiagonalAccumulator:
     def all_reduce(self, comm: Comm) -> None:
         """Sum the squares and the row count over ``comm``'s ranks."""
         self.sum = comm.all_reduce_sum(self.sum)
-        self.samples = int(comm.all_reduce_sum(torch.tensor([float(self.samples)], dtype=torch.float64)).item())
+        self.samples = _summed_count(comm, self.samples)
 
     def diagonal(self) -> torch.Tensor:
         return self.sum / max(self.samples, 1)
