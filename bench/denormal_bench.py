@@ -12,7 +12,8 @@ of that size, with denormals
   (:func:`engine.models.threads.set_flush_denormal_everywhere`, what it does now),
 
 at 1 and 2 intra-op threads, against the same backward with normal-sized gradients (the rate
-without denormals). Median of ``--reps`` timed passes after one warm-up.
+without denormals) and a plain forward + backward of the same net and batch; with the process's
+peak RSS. Median of ``--reps`` timed passes after one warm-up.
 
     .venv/bin/python bench/denormal_bench.py        # -> bench/results/denormal_bench.json
 """
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -71,6 +73,20 @@ def backward_s(net: nn.Module, x: torch.Tensor, scale: float, reps: int, *, wher
     return statistics.median(times)
 
 
+def plain_step_s(net: nn.Module, x: torch.Tensor, reps: int) -> float:
+    """Median seconds of a plain forward + backward (cross-entropy on random labels) of the same
+    net and batch: the reference rate of this machine."""
+    y = torch.randint(0, 10, (x.shape[0],), generator=torch.Generator().manual_seed(0))
+    times = []
+    for i in range(reps + 1):
+        net.zero_grad(set_to_none=True)
+        t = time.perf_counter()
+        nn.functional.cross_entropy(net(x), y).backward()
+        if i:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=128)
@@ -85,6 +101,7 @@ def main() -> None:
         for threads in (1, 2):
             torch.set_num_threads(threads)
             set_flush_denormal_everywhere(False)
+            plain = plain_step_s(net, x, args.reps)
             normal = backward_s(net, x, 1e-3, args.reps, where=where)
             for mode in MODES:
                 set_flush_denormal_everywhere(False)
@@ -94,18 +111,22 @@ def main() -> None:
                     set_flush_denormal_everywhere(True)
                 s = backward_s(net, x, 1e-39, args.reps, where=where)
                 rows.append({"denormal_gradients": where, "threads": threads, "mode": mode,
-                             "backward_ms": 1e3 * s, "normal_ms": 1e3 * normal, "slowdown": s / normal})
+                             "backward_ms": 1e3 * s, "normal_ms": 1e3 * normal, "slowdown": s / normal,
+                             "plain_forward_backward_ms": 1e3 * plain})
             set_flush_denormal_everywhere(False)
-    print(f"{'gradients':<9} {'threads':>7}  {'denormals':<15} {'backward ms':>11}  {'normal ms':>9}  {'x normal':>8}")
+    print(f"{'gradients':<9} {'threads':>7}  {'denormals':<15} {'backward ms':>11}  {'normal ms':>9}  "
+          f"{'x normal':>8}  {'plain fwd+bwd ms':>16}")
     for r in rows:
         print(f"{r['denormal_gradients']:<9} {r['threads']:>7}  {r['mode']:<15} {r['backward_ms']:>11.1f}  "
-              f"{r['normal_ms']:>9.1f}  {r['slowdown']:>8.2f}")
+              f"{r['normal_ms']:>9.1f}  {r['slowdown']:>8.2f}  {r['plain_forward_backward_ms']:>16.1f}")
     load = os.getloadavg()
-    print(f"load average {load}")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes (Linux reports KiB)
+    print(f"load average {load}; peak RSS {peak / 1e6:.0f} MB")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"case": {"batch": args.batch, "reps": args.reps, "torch": torch.__version__,
                                               "machine": platform.machine(), "cores": os.cpu_count(),
-                                              "load_average": load}, "rows": rows}, indent=1))
+                                              "load_average": load, "peak_rss_bytes": peak}, "rows": rows},
+                                    indent=1))
     print(f"wrote {args.json}")
 
 
